@@ -1,0 +1,105 @@
+"""The training config: one flat, validated record per run (a sweep trial or a final training).
+
+Loss weights are top-level keys (``gradient_weight``, ``perceptual_weight`` ...) so a search
+space names them directly; task-specific settings live in the ``data`` and ``model`` dicts
+and are validated by the task itself (errors name e.g. ``data.size``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_COMPOSITE_WEIGHTS = {"ssim": 0.4, "mse": 0.3, "gradient_match": 0.3}
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field (dotted path)."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = "microstructure"
+    seed: int = 0
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 turns clipping off")
+    device: str = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    preload: bool = True
+    num_threads: int | None = Field(None, ge=1)
+
+    # loss weights and loss settings
+    pixel_weight: float = Field(1.0, ge=0)
+    pixel_loss: Literal["mse", "l1", "charbonnier"] = "mse"
+    gradient_weight: float = Field(0.0, ge=0)
+    gradient_mode: Literal["match", "sharpen"] = "match"
+    perceptual_weight: float = Field(0.0, ge=0)
+    perceptual_weights_path: str | None = None
+    intensity_weight: float = Field(0.0, ge=0)
+    diffusion_weight: float = Field(1.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    solidification_weighting: bool = False
+    T_solidus: float = 1600.0
+    T_liquidus: float = 1700.0
+
+    composite_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_COMPOSITE_WEIGHTS))
+
+    data: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        # ``model: ddpm`` is shorthand for ``model: {name: ddpm}``
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.T_solidus >= self.T_liquidus:
+            raise ValueError(f"T_solidus ({self.T_solidus}) must be below T_liquidus ({self.T_liquidus})")
+        unknown = set(self.composite_weights) - set(DEFAULT_COMPOSITE_WEIGHTS)
+        if unknown:
+            raise ValueError(f"composite_weights: unknown metric(s) {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULT_COMPOSITE_WEIGHTS)}")
+        if any(w < 0 for w in self.composite_weights.values()):
+            raise ValueError("composite_weights: weights must be >= 0")
+        if self.device != "auto" and not self.device.split(":")[0] in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device: {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
+        return self
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming its dotted field path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_train_config(raw: Mapping[str, Any] | TrainConfig, prefix: str = "") -> TrainConfig:
+    """Validate a raw mapping; raise :class:`ConfigError` naming the bad field(s)."""
+    if isinstance(raw, TrainConfig):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    try:
+        return TrainConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix)) from None
+
+
+def parse_section(model: type[BaseModel], raw: Mapping[str, Any] | None, prefix: str) -> BaseModel:
+    """Validate a task's ``data``/``model`` section; errors are named ``<prefix>.<field>``."""
+    try:
+        return model.model_validate(dict(raw or {}))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix + ".")) from None

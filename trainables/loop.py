@@ -1,0 +1,320 @@
+"""The one training loop for every task: CUDA-ready, resumable, reporting per epoch.
+
+Hot-loop rules: batches are sliced from tensors already on the device (``preload``), loss
+sums stay on the device, and the host only synchronises once per epoch (to check for
+divergence and to compute the validation metrics).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from losses.metrics import evaluate_all
+from trainables.config import TrainConfig, parse_train_config
+from trainables.registry import get_task_factory
+from trainables.task import Batch, Task
+
+DIVERGED_SCORE = -1.0
+# what a diverged epoch reports for the objective metrics: the worst value of each
+DIVERGED_METRICS = {"composite": DIVERGED_SCORE, "ssim": -1.0, "mse": 1.0, "psnr": 0.0,
+                    "gradient_match": 0.0, "diverged": 1.0}
+STATE_FILE = "state.pt"
+# share of free GPU memory the preloaded data may take; beyond it batches are copied per step
+PRELOAD_MEMORY_FRACTION = 0.5
+
+Status = Literal["running", "diverged"]
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    metrics: dict[str, float]
+    status: Status
+    trainer: "Trainer"
+
+
+@dataclass
+class TrainResult:
+    status: Literal["finished", "stopped", "diverged"]
+    epochs_completed: int
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    best_composite: float
+    trainer: "Trainer" = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full precision. ``auto`` is bf16/fp16 on CUDA, off elsewhere."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _nbytes(data: Batch) -> int:
+    return sum(t.numel() * t.element_size() for t in data.values())
+
+
+class Trainer:
+    """Holds model, optimiser and data for one run; ``fit`` trains epoch by epoch."""
+
+    def __init__(self, config: Mapping | TrainConfig, num_threads: int | None = None):
+        self.config = cfg = parse_train_config(config)
+        threads = num_threads or cfg.num_threads
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+
+        self.task: Task = get_task_factory(cfg.task)(cfg)
+        self.preloaded = self._should_preload()
+        self.train_data = self._place(self.task.train)
+        self.val_data = self._place(self.task.val)
+
+        self.model: nn.Module = self.task.build_model().to(self.device)
+        for module in self.task.loss_modules:
+            module.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(self.task.num_train / cfg.batch_size)
+        self.scheduler = self._make_scheduler()
+        # the scaler only does something for fp16; bf16 and fp32 need no loss scaling
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.best_composite = -math.inf
+        self.mse_ref = self._baseline_mse()
+
+    # ----- setup helpers -------------------------------------------------------------------
+    def _should_preload(self) -> bool:
+        if not self.config.preload or self.device.type == "cpu":
+            return self.config.preload
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return _nbytes(self.task.train) + _nbytes(self.task.val) < PRELOAD_MEMORY_FRACTION * free
+        return True
+
+    def _place(self, data: Batch) -> Batch:
+        if self.preloaded:
+            return {k: v.to(self.device) for k, v in data.items()}
+        if self.device.type == "cuda":  # pinned host memory makes the per-step copies asynchronous
+            return {k: v.pin_memory() for k, v in data.items()}
+        return data
+
+    def _batch(self, data: Batch, idx: torch.Tensor) -> Batch:
+        if self.preloaded:
+            return {k: v[idx] for k, v in data.items()}
+        idx = idx.cpu()
+        return {k: v[idx].to(self.device, non_blocking=True) for k, v in data.items()}
+
+    def _make_scheduler(self):
+        cfg = self.config
+        if cfg.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs * self.steps_per_epoch)
+        if cfg.lr_schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5, patience=2)
+        return None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def _val_batches(self):
+        n, size = self.task.num_val, self.config.batch_size
+        for start in range(0, n, size):
+            idx = torch.arange(start, min(start + size, n), device=self.device if self.preloaded else "cpu")
+            yield self._batch(self.val_data, idx)
+
+    @torch.no_grad()
+    def _baseline_mse(self) -> float:
+        sq_sum, count = torch.zeros((), device=self.device), 0
+        for batch in self._val_batches():
+            base, target = self.task.baseline(batch).float(), self.task.target(batch).float()
+            sq_sum += (base - target).pow(2).sum()
+            count += target.numel()
+        return float(sq_sum) / count
+
+    # ----- one epoch -------------------------------------------------------------------------
+    def _train_epoch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, model = self.config, self.model
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        perm = torch.randperm(self.task.num_train, generator=self.shuffle)
+        if self.preloaded:
+            perm = perm.to(self.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.device)
+        component_sums: dict[str, torch.Tensor] = {}
+        for i in range(self.steps_per_epoch):
+            batch = self._batch(self.train_data, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+            with self._autocast():
+                total, components = self.task.training_step(model, batch, self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if cfg.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                self.scheduler.step()
+            loss_sum += total.detach().float()
+            for name, value in components.items():
+                component_sums[name] = component_sums.get(name, 0) + value.detach().float()
+            self.step += 1
+        return loss_sum / self.steps_per_epoch, {k: v / self.steps_per_epoch for k, v in component_sums.items()}
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        preds, targets, val_loss = [], [], torch.zeros((), device=self.device)
+        for batch in self._val_batches():
+            with self._autocast():
+                batch_loss = self.task.training_step(self.model, batch, self.step)[0].float()
+                val_loss += batch_loss * _num_samples(batch)
+                preds.append(self.task.predict(self.model, batch).float())
+            targets.append(self.task.target(batch).float())
+        t0 = time.perf_counter()
+        metrics = evaluate_all(torch.cat(preds), torch.cat(targets), mse_ref=self.mse_ref,
+                               weights=self.config.composite_weights)
+        metrics["metrics_time_s"] = time.perf_counter() - t0
+        metrics["val_loss"] = float(val_loss) / self.task.num_val
+        return metrics
+
+    def run_epoch(self) -> EpochReport:
+        t0 = time.perf_counter()
+        loss, components = self._train_epoch()
+        loss_value = float(loss)  # the one host sync of the training phase
+        train_time = time.perf_counter() - t0
+        self.epoch += 1
+        metrics: dict[str, float] = {"epoch": float(self.epoch), "lr": self.optimizer.param_groups[0]["lr"]}
+        if not math.isfinite(loss_value):
+            return self._diverged(metrics)
+        metrics["loss"] = loss_value
+        metrics.update({f"loss_{k}": float(v) for k, v in components.items()})
+        t1 = time.perf_counter()
+        try:
+            metrics.update(self._evaluate())
+        except ValueError:  # non-finite predictions: the metrics refuse them
+            return self._diverged(metrics)
+        metrics["baseline_mse"] = self.mse_ref
+        metrics["eval_time_s"] = time.perf_counter() - t1
+        metrics["epoch_time_s"] = train_time + metrics["eval_time_s"]
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics["val_loss"])
+        self.best_composite = max(self.best_composite, metrics["composite"])
+        self.history.append(metrics)
+        return EpochReport(self.epoch, metrics, "running", self)
+
+    def _diverged(self, metrics: dict[str, float]) -> EpochReport:
+        metrics.update(DIVERGED_METRICS)
+        self.history.append(metrics)
+        return EpochReport(self.epoch, metrics, "diverged", self)
+
+    def fit(self, on_epoch: Callable[[EpochReport], bool | None] | None = None) -> TrainResult:
+        status = "finished"
+        while self.epoch < self.config.epochs:
+            report = self.run_epoch()
+            stop = on_epoch(report) if on_epoch else False
+            if report.status == "diverged":
+                status = "diverged"
+                break
+            if stop:
+                status = "stopped"
+                break
+        last = self.history[-1] if self.history else {}
+        return TrainResult(status, self.epoch, self.history, last, self.best_composite, self)
+
+    # ----- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "best_composite": self.best_composite,
+            "shuffle_rng": self.shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": self.config.model_dump(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = list(state["history"])
+        self.best_composite = state["best_composite"]
+        self.shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the full state to ``directory/state.pt`` atomically (never a half-written file)."""
+        path = Path(directory) / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, directory: str | Path) -> None:
+        path = Path(directory)
+        path = path / STATE_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no training state at {path}")
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    # ----- for reports ---------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_val(self, n: int = 4) -> dict[str, torch.Tensor]:
+        """The first ``n`` validation samples: input, baseline, prediction, target (CPU, N×C×H×W)."""
+        self.model.eval()
+        idx = torch.arange(min(n, self.task.num_val), device=self.device if self.preloaded else "cpu")
+        batch = self._batch(self.val_data, idx)
+        with self._autocast():
+            prediction = self.task.predict(self.model, batch)
+        shown = self.task.inputs_for_display or self.task.baseline
+        out = {"input": shown(batch), "baseline": self.task.baseline(batch),
+               "prediction": prediction, "target": self.task.target(batch)}
+        return {k: v.detach().float().clamp(0, 1).cpu() for k, v in out.items()}
+
+
+def _num_samples(batch: Batch) -> int:
+    return next(iter(batch.values())).shape[0]
+
+
+def train(config: Mapping | TrainConfig, *, on_epoch: Callable[[EpochReport], bool | None] | None = None,
+          resume_from: str | Path | None = None, num_threads: int | None = None) -> TrainResult:
+    """Train one config to the end (or until ``on_epoch`` returns True); usable without Ray."""
+    trainer = Trainer(config, num_threads=num_threads)
+    if resume_from is not None:
+        trainer.load(resume_from)
+    return trainer.fit(on_epoch)

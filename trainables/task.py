@@ -1,0 +1,77 @@
+"""The task interface: everything the training loop needs to know about one problem.
+
+A task is built from the (flat) training config by a factory ``build(config) -> Task``.
+Built-in tasks are registered by name in :mod:`trainables.registry`; a user's task is
+named in config as ``"module.path:function"``.
+
+Data are dicts of tensors whose first dimension indexes samples, so the loop can move
+the whole set to the device once (``preload``) and slice batches there without any
+host round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+# training_step returns the total loss and each weighted component (detached tensors)
+LossResult = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+@dataclass
+class Task:
+    """One image-to-image problem.
+
+    Attributes:
+        name: short name (used in logs).
+        train / val: named tensors, first dim = samples (e.g. ``{"inputs": ..., "target": ...}``).
+        build_model: returns a fresh ``nn.Module`` (the loop moves it to the device).
+        training_step: ``(model, batch, step) -> (total_loss, components)``; ``step`` is the
+            global optimiser step (for warm-up schedules). Runs inside ``torch.autocast``.
+        predict: ``(model, batch) -> prediction`` in the target's range [0, 1], N×C×H×W.
+            Used for validation metrics (under ``torch.no_grad``).
+        target: ``batch -> target`` image N×C×H×W in [0, 1].
+        baseline: ``batch -> trivial prediction`` (e.g. last input frame); its MSE is the
+            composite score's ``mse_ref``.
+        weight_names: the loss weights this task reads from config (for docs/validation).
+        inputs_for_display: optional ``batch -> image`` N×C×H×W shown as "input" in reports.
+        loss_modules: modules owned by the loss (e.g. a perceptual extractor) that must follow
+            the model to the device; they are not trained.
+    """
+
+    name: str
+    train: Batch
+    val: Batch
+    build_model: Callable[[], nn.Module]
+    training_step: Callable[[nn.Module, Batch, int], LossResult]
+    predict: Callable[[nn.Module, Batch], torch.Tensor]
+    target: Callable[[Batch], torch.Tensor]
+    baseline: Callable[[Batch], torch.Tensor]
+    weight_names: tuple[str, ...] = ()
+    inputs_for_display: Callable[[Batch], torch.Tensor] | None = None
+    loss_modules: list[nn.Module] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for split, data in (("train", self.train), ("val", self.val)):
+            if not data:
+                raise ValueError(f"task {self.name!r}: {split} data is empty")
+            sizes = {k: v.shape[0] for k, v in data.items()}
+            if len(set(sizes.values())) != 1:
+                raise ValueError(f"task {self.name!r}: {split} tensors differ in length: {sizes}")
+            if next(iter(sizes.values())) == 0:
+                raise ValueError(f"task {self.name!r}: {split} data has no samples")
+
+    @property
+    def num_train(self) -> int:
+        return next(iter(self.train.values())).shape[0]
+
+    @property
+    def num_val(self) -> int:
+        return next(iter(self.val.values())).shape[0]
+
+
+TaskFactory = Callable[[Mapping], Task]
