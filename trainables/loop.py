@@ -184,6 +184,10 @@ class Trainer:
             self.step += 1
         return loss_sum / self.steps_per_epoch, {k: v / self.steps_per_epoch for k, v in component_sums.items()}
 
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss and image metrics of the model as it is now (e.g. before training)."""
+        return self._evaluate()
+
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()

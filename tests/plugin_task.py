@@ -1,0 +1,63 @@
+"""A user's task defined outside losstune, named in config as ``plugin_task:build``.
+
+Denoising of smooth random images: the smallest real image-to-image task that still
+exercises the plug-in path end to end.
+"""
+
+import torch
+from torch import nn
+
+from losses.combined import WeightedLoss
+from losses.gradient import gradient_loss
+from losses.pixel import mse_loss
+from trainables.task import Task
+
+
+def _images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    coarse = torch.rand(n, 1, size // 4, size // 4, generator=generator)
+    return nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def build(config) -> Task:
+    size = int(config.data.get("size", 16))
+    g = torch.Generator().manual_seed(config.seed)
+    clean = _images(48, size, g)
+    noisy = (clean + 0.15 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    loss = WeightedLoss(
+        {"pixel": lambda pred, target, **_: mse_loss(pred, target),
+         "gradient": lambda pred, target, **_: gradient_loss(pred, target)},
+        {"pixel": config.pixel_weight, "gradient": config.gradient_weight})
+
+    def build_model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1), nn.Sigmoid())
+
+    def training_step(model, batch, step):
+        return loss(step, pred=model(batch["input"]), target=batch["target"])
+
+    return Task(
+        name="denoise",
+        train={"input": noisy[:36], "target": clean[:36]},
+        val={"input": noisy[36:], "target": clean[36:]},
+        build_model=build_model,
+        training_step=training_step,
+        predict=lambda model, batch: model(batch["input"]),
+        target=lambda batch: batch["target"],
+        baseline=lambda batch: batch["input"],
+        weight_names=("pixel_weight", "gradient_weight"),
+    )
+
+
+def build_poisoned(config) -> Task:
+    """The same task whose loss turns NaN after ``data.poison_step`` steps (a diverging run)."""
+    task = build(config)
+    poison_step = int(config.data.get("poison_step", 2))
+    clean_step = task.training_step
+
+    def training_step(model, batch, step):
+        total, components = clean_step(model, batch, step)
+        if step >= poison_step:
+            total = total * float("nan")
+        return total, components
+
+    task.training_step = training_step
+    return task
