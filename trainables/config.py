@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
+from losses.metrics import DEFAULT_COMPOSITE_WEIGHTS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_COMPOSITE_WEIGHTS = {"ssim": 0.4, "mse": 0.3, "gradient_match": 0.3}
 
 
 class ConfigError(ValueError):
