@@ -1,0 +1,14 @@
+"""losstune's search layer: sweep config -> Optuna (TPE/random/NSGA-II) on Ray Tune (ASHA/FIFO) -> MLflow.
+
+Modules (imported lazily; ``import search`` itself is cheap):
+
+* :mod:`search.config`    sweep YAML -> validated :class:`~search.config.Sweep` (``SweepConfigError`` names file + field)
+* :mod:`search.space`     parameter specs <-> Optuna distributions, dotted paths, encoded choices
+* :mod:`search.trainable` the Tune function trainable around ``trainables.loop`` (per-epoch report + checkpoint)
+* :mod:`search.runner`    ``run_sweep``: Tuner + OptunaSearch + ASHA, results folder, resume
+* :mod:`search.tracking`  MLflow parent/child runs via a non-blocking ``ray.tune.Callback``
+* :mod:`search.trials`    read a sweep's trials back from disk (table, pareto front)
+* :mod:`search.export`    best trial(s) -> complete training YAML(s) with provenance
+* :mod:`search.final`     ``losstune train``: final training of an exported config
+* :mod:`search.cli`       the ``losstune`` command
+"""

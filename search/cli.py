@@ -1,0 +1,222 @@
+"""``losstune`` command line: sweep, export, train, trials, report.
+
+Exit codes: 0 ok, 2 bad input (config, paths, unreachable tracking server; nothing was started),
+1 runtime failure (the sweep/training ran and failed, or nothing could be exported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK, EXIT_RUNTIME, EXIT_INPUT = 0, 1, 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("losstune")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="losstune",
+        description="Tune the loss weights of image-to-image models with Optuna on Ray Tune, tracked in MLflow.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("sweep", help="run a sweep from a sweep YAML",
+                       description="Run a sweep: Optuna suggests loss weights, Ray Tune trains the trials "
+                                   "(ASHA stops bad ones early), MLflow logs everything; the best config is "
+                                   "exported to <results>/<name>/best.yaml.")
+    p.add_argument("config", help="sweep YAML (see configs/microstructure.yaml for the documented shape)")
+    p.add_argument("--name", help="sweep name (results/<name>/, MLflow parent run); default: the config's")
+    p.add_argument("--num-samples", type=int, help="number of trials (overrides search.num_samples)")
+    p.add_argument("--address", help="Ray cluster address (overrides ray.address and $RAY_ADDRESS)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--results-dir", help="results root (overrides results_dir)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides mlflow.tracking_uri / $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment name (overrides mlflow.experiment)")
+
+    p = sub.add_parser("export", help="write the best trial(s) of a sweep as training YAML(s)")
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
+    p.add_argument("--out", help="output file (default RESULTS_DIR/best.yaml); ranks 2.. go beside it")
+    p.add_argument("--top-k", type=int, default=1, help="also write the next best: best_2.yaml ... (default 1)")
+
+    p = sub.add_parser("train", help="train a final model from an exported (or hand-written) training YAML")
+    p.add_argument("config", help="training YAML (a TrainConfig + optional provenance block)")
+    p.add_argument("--epochs", type=int, help="override epochs")
+    p.add_argument("--device", help="override device (auto, cpu, cuda, cuda:N, mps)")
+    p.add_argument("--out", help="output folder (default: <sweep folder>/final or results/<name>/final)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's, else $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the sweep's, else losstune)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("report", help="write an HTML report of a sweep (figures, leaderboard) and log it to MLflow")
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
+    p.add_argument("--out", help="output folder (default RESULTS_DIR/report)")
+    p.add_argument("--top-k", type=int, default=10, help="trials in the leaderboard (default 10)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow run")
+
+    p = sub.add_parser("trials", help="show a sweep's trials as a table")
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
+    p.add_argument("--sort", help="sort by this column (default composite, best first)")
+    p.add_argument("--csv", help="also write the table to this CSV file")
+    return parser
+
+
+def _err(msg: str) -> None:
+    print(f"losstune: error: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_sweep(args) -> int:
+    from search.config import SweepConfigError, load_sweep
+    from search.runner import SweepInputError, SweepRuntimeError, run_sweep
+    if args.num_samples is not None and args.num_samples < 1:
+        _err("--num-samples: must be >= 1")
+        return EXIT_INPUT
+    overrides = {"name": args.name, "num_samples": args.num_samples, "address": args.address,
+                 "results_dir": args.results_dir, "tracking_uri": args.tracking_uri, "experiment": args.experiment}
+    try:
+        # on --resume the saved config is authoritative: check the given one only shallowly
+        sweep = load_sweep(args.config, overrides, deep=not args.resume)
+    except SweepConfigError as err:
+        _err(str(err))
+        return EXIT_INPUT
+    try:
+        outcome = run_sweep(sweep, resume=args.resume, address=args.address)
+    except SweepInputError as err:
+        _err(str(err))
+        return EXIT_INPUT
+    except SweepRuntimeError as err:
+        _err(str(err))
+        return EXIT_RUNTIME
+    if outcome.status == "finished":
+        return EXIT_OK
+    if outcome.status == "interrupted":
+        return EXIT_RUNTIME
+    _err(f"no trial succeeded; see {outcome.sweep_dir}/trials.csv and the trials' error.txt")
+    return EXIT_RUNTIME
+
+
+def cmd_export(args) -> int:
+    from search.export import ExportError, export
+    from search.trials import ResultsError
+    try:
+        paths = export(args.results_dir, out=args.out, top_k=args.top_k)
+    except (ResultsError, ValueError) as err:
+        _err(str(err))
+        return EXIT_INPUT
+    except ExportError as err:
+        _err(str(err))
+        return EXIT_RUNTIME
+    for path in paths:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from search.final import FinalInputError, run_final
+    if not Path(args.config).is_file():
+        _err(f"{args.config}: no such file")
+        return EXIT_INPUT
+    try:
+        outcome = run_final(args.config, epochs=args.epochs, device=args.device, out=args.out,
+                            tracking_uri=args.tracking_uri, experiment=args.experiment,
+                            progress=not args.no_progress)
+    except FinalInputError as err:
+        _err(str(err))
+        return EXIT_INPUT
+    except Exception as err:  # noqa: BLE001 - a runtime failure of the training itself
+        _err(f"training failed: {type(err).__name__}: {err}")
+        return EXIT_RUNTIME
+    metrics = " ".join(f"{k} {outcome.metrics[k]:.4g}" for k in ("composite", "ssim", "mse", "psnr")
+                       if isinstance(outcome.metrics.get(k), float))
+    print(f"[losstune] {outcome.status}: {metrics}")
+    print(f"[losstune] model:  {outcome.model_path}")
+    print(f"[losstune] config: {outcome.config_path}")
+    if outcome.run_id:
+        print(f"[losstune] MLflow run: {outcome.run_id}")
+    return EXIT_OK if outcome.status != "diverged" else EXIT_RUNTIME
+
+
+def cmd_trials(args) -> int:
+    from search.trials import ResultsError, format_table, load_results, sort_table
+    try:
+        results = load_results(args.results_dir)
+        table = sort_table(results.table, args.sort)
+    except ResultsError as err:
+        _err(str(err))
+        return EXIT_INPUT
+    if table.empty:
+        print("(no trials yet)")
+    else:
+        print(format_table(table))
+    if args.csv:
+        try:
+            table.drop(columns=["path"]).to_csv(args.csv, index=False)
+        except OSError as err:
+            _err(f"--csv: {err}")
+            return EXIT_INPUT
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from search.report import ReportError, build_report
+    from search.trials import ResultsError
+    try:
+        outcome = build_report(args.results_dir, args.out, top_k=args.top_k, log_mlflow=not args.no_mlflow)
+    except (ResultsError, ValueError) as err:
+        _err(str(err))
+        return EXIT_INPUT
+    except ReportError as err:
+        _err(str(err))
+        return EXIT_RUNTIME
+    print(f"[losstune] report: {outcome.html}")
+    return EXIT_OK
+
+
+COMMANDS = {"sweep": cmd_sweep, "export": cmd_export, "train": cmd_train, "trials": cmd_trials,
+            "report": cmd_report}
+
+
+def _setup_logging() -> None:
+    import logging
+    log = logging.getLogger("losstune")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[losstune] %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _setup_logging()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version exit 0, usage errors exit 2
+        code = exc.code
+        return code if isinstance(code, int) else EXIT_INPUT
+    if not args.command:
+        parser.print_help()
+        return EXIT_INPUT
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

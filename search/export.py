@@ -1,0 +1,105 @@
+"""Export the best trial(s) of a sweep as complete training YAMLs that ``losstune train`` accepts.
+
+Each file holds every ``TrainConfig`` field (task, data, model, training settings, the chosen loss
+weights) and a ``provenance:`` block (sweep, trial id, score, metrics, MLflow run ids, time).
+Reads the trials from disk (:mod:`search.trials`), so it works after the sweep's driver died.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search import space as sp
+from search.trials import ResultsError, SweepResults, load_results
+from trainables.config import ConfigError, parse_train_config
+
+REPORTED = ("composite", "ssim", "mse", "psnr", "gradient_match", "sharpness_ratio", "histogram_distance",
+            "val_loss", "loss")
+
+
+class ExportError(RuntimeError):
+    """No trial can be exported (all failed or diverged, or none ran)."""
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        try:
+            return _clean(value.item())
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def trial_document(results: SweepResults, trial_id: str, rank: int) -> dict[str, Any]:
+    """The exported YAML (as a mapping) of one trial."""
+    row = results.table.set_index("trial_id").loc[trial_id]
+    try:
+        config = parse_train_config(results.trial_config(trial_id)).model_dump()
+    except ConfigError as err:  # pragma: no cover - the sweep validated every point
+        raise ExportError(f"trial {trial_id}: its config is invalid: {err}") from None
+    history = results.histories.get(trial_id) or [{}]
+    last = history[-1]
+    info = results.info
+    sampled = sp.decode(results.sweep.params, results.configs.get(trial_id, {})) if results.sweep else {}
+    provenance = {
+        "sweep": results.name,
+        "sweep_dir": str(results.sweep_dir),
+        "trial_id": trial_id,
+        "rank": rank,
+        "score": _clean(float(row["composite"])),
+        "objective": info.get("objective", {}).get("type", "composite"),
+        "status": row["status"],
+        "epochs_trained": int(row["epochs"]),
+        "metrics": {k: _clean(float(last[k])) for k in REPORTED if isinstance(last.get(k), (int, float))},
+        "best_composite": _clean(row["best_composite"]),
+        "params": {k: _clean(v) for k, v in sampled.items()},
+        "mlflow": {
+            "tracking_uri": info.get("tracking_uri"),
+            "experiment": info.get("experiment"),
+            "parent_run_id": info.get("parent_run_id"),
+            "run_id": _clean(row["run_id"]) if isinstance(row["run_id"], str) else None,
+        },
+        "sweep_config": info.get("config_path"),
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {**config, "provenance": provenance}
+
+
+def _header(doc: dict[str, Any], path: Path) -> str:
+    p = doc["provenance"]
+    return (f"# losstune: trial {p['trial_id']} of sweep {p['sweep']!r} (rank {p['rank']}, "
+            f"composite {p['score']:.4f})\n"
+            f"# train it:  losstune train {path}  [--epochs N]\n")
+
+
+def export(sweep_dir: str | Path, out: str | Path | None = None, top_k: int = 1,
+           results: SweepResults | None = None) -> list[Path]:
+    """Write the best ``top_k`` trials: ``best.yaml`` (or ``out``), then ``best_2.yaml`` ... beside it."""
+    if top_k < 1:
+        raise ValueError("--top-k must be >= 1")
+    results = results or load_results(sweep_dir)
+    if results.sweep is None:
+        raise ResultsError(f"{results.sweep_dir}: the sweep config (sweep.yaml) is missing or invalid")
+    ranked = results.ranked()
+    if ranked.empty:
+        raise ExportError(f"{results.sweep_dir}: no trial to export (every trial failed, diverged or has "
+                          "no result yet)")
+    first = Path(out).expanduser() if out else results.sweep_dir / "best.yaml"
+    first.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rank, trial_id in enumerate(ranked["trial_id"].head(top_k), start=1):
+        path = first if rank == 1 else first.with_name(f"{first.stem}_{rank}{first.suffix or '.yaml'}")
+        doc = trial_document(results, trial_id, rank)
+        text = _header(doc, path) + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,555 @@
+"""Run a sweep: Ray Tune (ASHA or FIFO) + Optuna (TPE / random / NSGA-II) + MLflow tracking.
+
+Layout of ``<results_dir>/<name>/`` (the sweep folder, also Tune's experiment folder unless
+``ray.storage_path`` puts Tune's part on shared storage):
+
+    sweep.json        name, status, config path, parent MLflow run id, Tune folder ...
+    sweep.yaml        the effective sweep config (after CLI overrides); --resume reads this one
+    optuna.db         the Optuna study (optuna.load_study(study_name=<name>, storage="sqlite:///.../optuna.db"))
+    mlflow_runs.json  trial id -> MLflow child run id, status, epochs
+    trial_<id>/       Tune's trial folders (result.json, params.json, checkpoint_*/)
+    trials.csv        one row per trial;  pareto.csv  the non-dominated trials (pareto objective)
+    best.yaml         the best trial as a training config (``losstune train best.yaml``)
+
+Multi-node: every node must reach Tune's storage (``ray.storage_path`` / ``results_dir``): a shared
+file system or ``s3://...`` (checkpoints of trials on other nodes are written there). On one machine
+running several Ray nodes, a local path works.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from search import space as sp
+from search.config import Sweep, SweepConfigError, load_sweep
+from search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
+                             backfill_runs, check_tracking, flatten, set_retry_defaults, write_json_atomic)
+from search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
+    write_reports
+
+logger = logging.getLogger("losstune")
+OPTUNA_DB = "optuna.db"
+
+
+class SweepInputError(ValueError):
+    """Bad input discovered before anything starts (exit code 2)."""
+
+
+class SweepRuntimeError(RuntimeError):
+    """The sweep ran but failed (exit code 1)."""
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    status: str  # finished | interrupted | failed
+    results: SweepResults | None = None
+    exported: list[Path] = field(default_factory=list)
+    parent_run_id: str | None = None
+    tracking_stats: dict[str, Any] = field(default_factory=dict)
+    result_grid: Any = None
+
+
+def trial_dirname(trial) -> str:
+    """Short, stable trial folder names (``trial_<id>``)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_sampler(sweep: Sweep):
+    import optuna
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    s = sweep.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "nsga2":
+        population = s.population_size or max(4, min(50, s.num_samples // 2))
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=population)
+    startup = s.n_startup_trials
+    if startup is None:  # the hand-set points count as start-up trials; leave TPE room to work
+        startup = max(len(sweep.points) + 1, min(10, max(2, s.num_samples // 3)))
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=s.multivariate, constant_liar=s.constant_liar,
+                                      n_startup_trials=startup)
+
+
+def make_searcher(sweep: Sweep, storage_url: str):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    metric, mode = sweep.metric_mode()
+    searcher = OptunaSearch(
+        space=sp.distributions(sweep.params), metric=metric, mode=mode,
+        points_to_evaluate=[sp.encode_point(sweep.params, p) for p in sweep.points] or None,
+        sampler=make_sampler(sweep), study_name=sweep.name,
+        storage=optuna.storages.RDBStorage(storage_url))
+    return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
+
+
+def make_scheduler(sweep: Sweep):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    sch = sweep.scheduler
+    if sch.type == "fifo":
+        return FIFOScheduler()
+    extra = {"metric": "composite", "mode": "max"} if sweep.is_pareto else {}
+    return ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs, grace_period=sch.grace_period,
+                         reduction_factor=sch.reduction_factor, brackets=sch.brackets, **extra)
+
+
+def decoder(sweep: Sweep) -> Callable[[dict], dict]:
+    return functools.partial(sp.decode, sweep.params)
+
+
+def quiet_ray() -> None:
+    """losstune prints its own progress: Tune's tables and checkpoint-snapshot warnings off (env overrides)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a ``host:port`` (or ``ray://host:port``) nobody listens on: ray.init would wait minutes."""
+    import socket
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except OSError as err:
+        raise ConnectionError(f"nothing answers at {address} ({err})") from None
+
+
+def init_ray(sweep: Sweep, address: str | None = None) -> bool:
+    """Connect to (``address`` / config / $RAY_ADDRESS) or start a local Ray; True if we started it."""
+    import ray
+    address = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():  # API use inside a process that already runs Ray: use that one
+        if address and address != "local":
+            logger.warning("Ray is already initialised in this process; address %s is not used", address)
+        return False
+    if address and address != "local":
+        probe_address(address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(num_cpus=sweep.file.ray.num_cpus, num_gpus=sweep.file.ray.num_gpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    return True
+
+
+def _parent_params(sweep: Sweep) -> dict[str, Any]:
+    params = {f"train.{k}": v for k, v in flatten(sweep.base_train).items() if k not in sweep.params}
+    params.update({f"space.{k}": v for k, v in sp.describe(sweep.params).items()})
+    params.update({f"search.{k}": v for k, v in sweep.search.model_dump(exclude={"points_to_evaluate"}).items()})
+    params["search.points_to_evaluate"] = len(sweep.points)
+    params.update({f"scheduler.{k}": v for k, v in sweep.scheduler.model_dump().items()})
+    params.update({f"objective.{k}": v for k, v in sweep.objective.model_dump().items() if v is not None})
+    params.update({f"resources.{k}": v for k, v in sweep.resources.model_dump().items()})
+    return params
+
+
+def _comparable(sweep: Sweep) -> dict[str, Any]:
+    """What a --resume must not silently change (paths and addresses may differ)."""
+    return sweep.file.model_dump(exclude={"results_dir", "mlflow", "ray"})
+
+
+def _write_info(sweep_dir: Path, info: dict[str, Any]) -> None:
+    info["updated_at"] = _now()
+    write_json_atomic(sweep_dir / SWEEP_FILE, info)
+
+
+def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
+              out: Callable[[str], None] = print, flush_timeout: float | None = None) -> SweepOutcome:
+    """Run (or, with ``resume``, continue) a sweep to the end; see the module docstring for the outputs.
+
+    Raises :class:`SweepInputError` (results exist / nothing to resume / tracking unreachable) before
+    anything starts, :class:`SweepRuntimeError` when the sweep cannot run.
+    """
+    sweep_dir = sweep.sweep_dir
+    info_path = sweep_dir / SWEEP_FILE
+    if resume:
+        if not info_path.is_file():
+            raise SweepInputError(f"{sweep_dir}: nothing to resume (no {SWEEP_FILE}); start it without --resume")
+        saved = sweep_dir / SWEEP_CONFIG
+        try:
+            resumed = load_sweep(saved, deep=False, check_paths=False)
+        except SweepConfigError as err:
+            raise SweepInputError(f"cannot resume: {err}") from None
+        if _comparable(resumed) != _comparable(sweep):
+            out(f"[losstune] --resume continues the sweep as it was started ({saved}); "
+                "changes in the given config are ignored")
+        sweep = resumed
+        info = json.loads(info_path.read_text())
+    elif sweep_dir.exists():
+        raise SweepInputError(f"{sweep_dir} already exists: continue that sweep with --resume, "
+                              "or start a new one with --name NEW_NAME (or another --results-dir)")
+    else:
+        info = {}
+
+    tracking = sweep.file.mlflow.enabled
+    uri = sweep.tracking_uri if tracking else None
+    if tracking:
+        try:
+            check_tracking(uri)
+        except TrackingUnavailable as err:
+            raise SweepInputError(str(err)) from None
+        set_retry_defaults()
+
+    quiet_ray()
+    try:
+        started_ray = init_ray(sweep, address)
+    except Exception as err:  # noqa: BLE001 - e.g. no cluster at the address
+        where = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
+        raise SweepInputError(f"Ray: cannot start or connect to {where}: {type(err).__name__}: {err}") from None
+    watchdog = start_watchdog() if started_ray else None
+    try:
+        _check_resources(sweep, address, out)
+        return _run_started(sweep, sweep_dir, info, resume, uri, tracking, out, flush_timeout)
+    finally:
+        if started_ray:
+            import ray
+            ray.shutdown()
+        if watchdog is not None:
+            stop_watchdog(watchdog)
+
+
+# A local Ray started by the driver must not outlive it. Ray's head processes share the driver's fate,
+# but its agents (dashboard / runtime-env agent) wait up to a minute on the dead GCS before they exit
+# when the driver is SIGKILLed. This small watcher (a separate process, psutil from Ray's
+# thirdparty_files) remembers the driver's descendants and kills them once the driver is gone.
+_WATCHDOG = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+import psutil
+me, known = os.getpid(), {}
+try:
+    driver = psutil.Process(int(sys.argv[1]))
+    while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
+        for p in driver.children(recursive=True):
+            if p.pid != me:
+                known.setdefault(p.pid, p)
+        time.sleep(0.5)
+except psutil.Error:
+    pass
+targets = []
+for p in known.values():
+    try:
+        if p.is_running():  # psutil checks the start time: a reused pid is not ours
+            targets += [p] + p.children(recursive=True)
+    except psutil.Error:
+        pass
+for p in targets:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def start_watchdog():
+    """Start the watcher of this driver's local Ray processes (None where psutil is not available)."""
+    import subprocess
+    import sys
+
+    import ray
+    thirdparty = Path(ray.__file__).parent / "thirdparty_files"
+    try:
+        return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(thirdparty)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError as err:  # pragma: no cover
+        logger.warning("no watchdog for the local Ray processes: %s", err)
+        return None
+
+
+def stop_watchdog(proc) -> None:
+    """Ray was shut down normally: end the watcher we started (by its pid)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except Exception:  # noqa: BLE001
+            proc.kill()
+
+
+def _check_resources(sweep: Sweep, address: str | None, out: Callable[[str], None]) -> None:
+    """A trial that can never be scheduled would leave Tune waiting forever: refuse it up front."""
+    import ray
+    total = ray.cluster_resources()
+    res = sweep.resources
+    missing = [f"{name} {need:g} > {total.get(key, 0):g}" for name, key, need in
+               (("cpu", "CPU", res.cpu), ("gpu", "GPU", res.gpu)) if need > total.get(key, 0)]
+    if not missing:
+        return
+    msg = f"resources: a trial asks for more than the Ray cluster has ({', '.join(missing)})"
+    if address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS"):
+        out(f"[losstune] warning: {msg}; trials wait until the cluster grows")
+    else:
+        raise SweepInputError(msg)
+
+
+def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bool, uri: str | None,
+                 tracking: bool, out: Callable[[str], None], flush_timeout: float | None) -> SweepOutcome:
+    created = False
+    tracker: SweepTracker | None = None
+    try:
+        if not resume:
+            sweep_dir.mkdir(parents=True, exist_ok=False)
+            created = True
+            saved = dict(sweep.raw, results_dir=str(sweep.results_dir))  # absolute: --resume from anywhere
+            if uri:
+                saved["mlflow"] = {**(saved.get("mlflow") or {}), "tracking_uri": uri}
+            (sweep_dir / SWEEP_CONFIG).write_text(
+                f"# the effective sweep config of {sweep.name!r} (from {sweep.source}); --resume reads it\n"
+                + yaml.safe_dump(saved, sort_keys=False, default_flow_style=None))
+        tune_dir = f"{sweep.storage_path.rstrip('/')}/{sweep.name}"
+        info.update({"name": sweep.name, "status": "running", "config_path": str(Path(sweep.source).resolve())
+                     if sweep.source and not resume else info.get("config_path"),
+                     "sweep_config": SWEEP_CONFIG, "tune_dir": tune_dir, "storage_path": sweep.storage_path,
+                     "tracking_uri": uri, "experiment": sweep.file.mlflow.experiment,
+                     "objective": sweep.objective.model_dump(), "max_epochs": sweep.epochs,
+                     "params": list(sweep.params), "num_samples": sweep.search.num_samples,
+                     "optuna_storage": f"sqlite:///{sweep_dir / OPTUNA_DB}", "optuna_study": sweep.name})
+        info.setdefault("created_at", _now())
+        if resume:
+            info["resumed_at"] = _now()
+        if tracking:
+            tracker = SweepTracker(uri, sweep.file.mlflow.experiment)
+            parent = tracker.start(sweep.name, _parent_params(sweep),
+                                   {"losstune.task": str(sweep.base_train["task"]),
+                                    "losstune.sweep_dir": str(sweep_dir)},
+                                   resume_run_id=info.get("parent_run_id"))
+            info.update({"parent_run_id": parent, "experiment_id": tracker.experiment_id})
+            out(f"[losstune] MLflow: experiment {sweep.file.mlflow.experiment!r}, parent run {parent} at {uri}")
+        _write_info(sweep_dir, info)
+        if tracker is not None and not resume:
+            tracker.log_artifact(sweep_dir / SWEEP_CONFIG)
+            if sweep.source and Path(sweep.source).is_file():
+                tracker.log_artifact(sweep.source, "source")
+            tracker.log_text(json.dumps({"params": sp.describe(sweep.params), "fixed": sweep.fixed,
+                                         "points_to_evaluate": sweep.points}, indent=1, default=str),
+                             "search_space.json")
+    except SweepInputError:
+        raise
+    except Exception as err:
+        if created:
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+        if tracker is not None and tracker.run_id:
+            try:
+                tracker.finish("FAILED")
+            except Exception:  # noqa: BLE001
+                pass
+        raise SweepRuntimeError(f"cannot set up the sweep: {type(err).__name__}: {err}") from err
+
+    status = "failed"
+    callback: TrackingCallback | None = None
+    grid = None
+    try:
+        grid, callback = _fit(sweep, sweep_dir, tune_dir, info, resume, uri, flush_timeout, out)
+    except KeyboardInterrupt:
+        out("[losstune] interrupted")
+    except Exception as err:
+        info["status"] = "failed"
+        info["error"] = f"{type(err).__name__}: {err}"
+        _write_info(sweep_dir, info)
+        callback = callback or TrackingCallback.for_sweep(sweep_dir)
+        if callback is not None:
+            callback.close(timeout=10)
+        if tracker is not None:
+            _safe(lambda: tracker.finish("FAILED"), out)
+        raise SweepRuntimeError(f"the sweep failed: {type(err).__name__}: {err}") from err
+
+    callback = callback or TrackingCallback.for_sweep(sweep_dir)
+    results = _safe_results(sweep_dir)
+    unfinished = []
+    if results is not None:
+        statuses = callback.statuses() if callback is not None else {}
+        ended = {t for t, st in statuses.items() if st in TERMINAL}
+        unfinished = [t for t in results.table["trial_id"] if t not in ended]
+        n_ended = len(ended)
+    else:
+        n_ended = 0
+    interrupted = n_ended < sweep.search.num_samples
+    if callback is not None:
+        if interrupted:
+            callback.mark_interrupted(unfinished)
+        stats = callback.stats()
+        callback.close(timeout=_flush_timeout(flush_timeout))
+        stats.update(callback.stats())
+    else:
+        stats = {}
+    results = _safe_results(sweep_dir)
+    if resume and uri and callback is not None and results is not None:
+        # a SIGKILLed driver may have lost its last queued MLflow writes: fill them in from Ray's results
+        counts = _safe(lambda: backfill_runs(uri, callback.runs(), results.histories), out)
+        if counts is not None:
+            stats["backfilled_metrics"] = counts["metrics"]
+            if counts["metrics"] or counts["statuses"]:
+                out(f"[losstune] MLflow: filled in {counts['metrics']} metric values and {counts['statuses']} "
+                    f"statuses lost by the interrupted run, from Ray's results")
+    outcome = SweepOutcome(sweep_dir, "failed", results, [], info.get("parent_run_id"), stats, grid)
+
+    if results is not None:
+        write_reports(results)
+        if not results.ranked().empty:
+            from search.export import export
+            outcome.exported = export(sweep_dir, results=results)
+            status = "interrupted" if interrupted else "finished"
+        else:
+            status = "interrupted" if interrupted else "failed"
+        _print_summary(results, outcome.exported, out)
+    outcome.status = status
+    info["status"] = status
+    info["tracking"] = {k: v for k, v in stats.items()}
+    _write_info(sweep_dir, info)
+    if tracker is not None:
+        _safe(lambda: _finish_parent(tracker, results, outcome, status), out)
+    if status == "interrupted":
+        out(f"[losstune] the sweep did not finish ({n_ended}/{sweep.search.num_samples} trials ended); "
+            f"continue it with: losstune sweep {sweep.source or SWEEP_CONFIG} --name {sweep.name} "
+            f"--results-dir {sweep.results_dir} --resume")
+    return outcome
+
+
+def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool, uri: str | None,
+         flush_timeout: float | None, out: Callable[[str], None]):
+    from ray import tune
+
+    from search.trainable import make_trainable
+
+    res = sweep.resources
+    trainable = tune.with_resources(make_trainable(sweep.base_train, sweep.params, res.cpu),
+                                    {"cpu": res.cpu, "gpu": res.gpu})
+    storage_url = f"sqlite:///{sweep_dir / OPTUNA_DB}"
+    if resume and tune.Tuner.can_restore(tune_dir):
+        out(f"[losstune] resuming {sweep.name} from {tune_dir}")
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, restart_errored=True)
+        callback = TrackingCallback.for_sweep(sweep_dir)
+        if callback is not None:
+            callback.parent_run_id = info.get("parent_run_id") or callback.parent_run_id
+            callback.tracking_uri = uri
+            callback.experiment_id = info.get("experiment_id") or callback.experiment_id
+    else:
+        if resume:  # the first run died before Tune saved anything: start over in the same folder
+            (sweep_dir / OPTUNA_DB).unlink(missing_ok=True)
+        callback = TrackingCallback(
+            sweep_dir, uri, info.get("experiment_id"), info.get("parent_run_id"), sweep.epochs,
+            decode=decoder(sweep), tags={"losstune.task": str(sweep.base_train["task"]),
+                                         "losstune.sweep": sweep.name},
+            flush_timeout=_flush_timeout(flush_timeout))
+        metric, mode = sweep.metric_mode()
+        single = isinstance(metric, str)
+        tune_config = tune.TuneConfig(
+            search_alg=make_searcher(sweep, storage_url), scheduler=make_scheduler(sweep),
+            num_samples=sweep.search.num_samples, metric=metric if single else None,
+            mode=mode if single else None, trial_dirname_creator=trial_dirname)
+        run_config = tune.RunConfig(
+            name=sweep.name, storage_path=sweep.storage_path,
+            failure_config=tune.FailureConfig(max_failures=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[callback, ProgressCallback(sweep.epochs, decoder(sweep), sweep.search.num_samples),
+                       *_status_line(sweep)],
+            verbose=0)
+        tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    out(f"[losstune] sweep {sweep.name}: {sweep.search.num_samples} trials x {sweep.epochs} epochs, "
+        f"{sweep.search.sampler} sampler, {sweep.scheduler.type} scheduler, objective {sweep.objective.type}; "
+        f"results in {sweep_dir}")
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")
+    return grid, callback
+
+
+def _status_line(sweep: Sweep) -> list:
+    """The periodic one-line sweep status (search.progress), when that module is there."""
+    try:
+        from search.progress import SweepStatus
+    except ImportError:  # pragma: no cover
+        return []
+    return [SweepStatus(total=sweep.search.num_samples, max_epochs=sweep.epochs,
+                        max_concurrent=sweep.search.max_concurrent)]
+
+
+def _flush_timeout(value: float | None) -> float:
+    """Seconds to keep retrying pending MLflow writes at the end ($LOSSTUNE_MLFLOW_FLUSH_TIMEOUT, 30)."""
+    if value is not None:
+        return value
+    try:
+        return float(os.environ.get("LOSSTUNE_MLFLOW_FLUSH_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
+
+
+def _safe(fn: Callable[[], Any], out: Callable[[str], None]) -> Any:
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - tracking must not fail a finished sweep
+        out(f"[losstune] warning: MLflow: {type(err).__name__}: {err}")
+        return None
+
+
+def _safe_results(sweep_dir: Path) -> SweepResults | None:
+    try:
+        return load_results(sweep_dir)
+    except ResultsError as err:
+        logger.warning("cannot read the trials: %s", err)
+        return None
+
+
+def _finish_parent(tracker: SweepTracker, results: SweepResults | None, outcome: SweepOutcome,
+                   status: str) -> None:
+    if results is not None:
+        counts = results.table["status"].value_counts().to_dict()
+        metrics = {f"trials_{k}": v for k, v in counts.items()}
+        ranked = results.ranked()
+        tags: dict[str, Any] = {"losstune.status": status}
+        if not ranked.empty:
+            best = ranked.iloc[0]
+            for k in ("composite", "best_composite", "ssim", "mse", "psnr", "gradient_match"):
+                if best.get(k) is not None and best.get(k) == best.get(k):
+                    metrics[f"best_{k}"] = float(best[k])
+            tags["losstune.best_trial_id"] = best["trial_id"]
+            if isinstance(best.get("run_id"), str):
+                tags["losstune.best_run_id"] = best["run_id"]
+        metrics.update({f"tracking_{k}": v for k, v in outcome.tracking_stats.items()
+                        if isinstance(v, (int, float))})
+        tracker.log_metrics(metrics)
+        tracker.set_tags(tags)
+        for name in ("trials.csv", "pareto.csv"):
+            if (outcome.sweep_dir / name).is_file():
+                tracker.log_artifact(outcome.sweep_dir / name)
+    for path in outcome.exported:
+        tracker.log_artifact(path)
+    tracker.finish({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+
+
+def _print_summary(results: SweepResults, exported: list[Path], out: Callable[[str], None]) -> None:
+    ranked = results.ranked()
+    counts = results.table["status"].value_counts().to_dict()
+    out("[losstune] trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if not ranked.empty:
+        out("[losstune] top trials:\n" + format_table(ranked, max_rows=10))
+    if results.objective_metrics() != {"composite": "max"}:
+        front = results.pareto_front()
+        out(f"[losstune] pareto front ({', '.join(f'{k} {v}' for k, v in results.objective_metrics().items())}):\n"
+            + format_table(front))
+        out(f"[losstune] pareto front saved to {results.sweep_dir / 'pareto.csv'}")
+    if exported:
+        out(f"[losstune] best config: {exported[0]}\n"
+            f"[losstune] train it:    losstune train {exported[0]} --epochs N")
+    out(f"[losstune] all trials:  losstune trials {results.sweep_dir}")

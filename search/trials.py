@@ -1,0 +1,265 @@
+"""Read a sweep's trials back from disk (works after the driver died): Tune's per-trial
+``result.json`` / ``params.json``, plus ``sweep.json`` and ``mlflow_runs.json`` written by losstune.
+
+The table has one row per trial: ``trial_id``, ``status``, the sampled params (real values),
+``composite`` (last epoch; what Optuna was told), ``best_composite``, ``ssim``, ``mse``, ``psnr``,
+``gradient_match``, ``epochs``, ``time_s``, ``run_id``.
+
+Statuses: ``finished`` (all epochs), ``stopped_early`` (ASHA), ``diverged`` (NaN/inf loss),
+``failed`` (raised, retries exhausted), ``running`` / ``interrupted`` (the sweep did not end;
+``--resume`` continues it), ``pending`` (no result yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from search import space as sp
+from search.tracking import RUNS_FILE, read_runs_file
+
+SWEEP_FILE = "sweep.json"
+SWEEP_CONFIG = "sweep.yaml"
+METRIC_COLUMNS = ["composite", "best_composite", "ssim", "mse", "psnr", "gradient_match"]
+ELIGIBLE = ("finished", "stopped_early", "running", "interrupted", "unknown")
+ASCENDING = {"mse", "val_loss", "loss", "histogram_distance", "trial_id", "time_s", "status"}
+DIVERGED_SCORE = -1.0
+
+
+class ResultsError(ValueError):
+    """The folder is not (or not yet) a losstune sweep's results."""
+
+
+@dataclass
+class SweepResults:
+    sweep_dir: Path
+    info: dict[str, Any]
+    sweep: Any  # search.config.Sweep, or None when its config cannot be loaded
+    table: pd.DataFrame
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # Tune's (encoded) trial configs
+    param_names: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name") or self.sweep_dir.name
+
+    def ranked(self) -> pd.DataFrame:
+        """Trials that may be exported, best composite first (diverged / failed / empty excluded)."""
+        df = self.table
+        if df.empty:
+            return df
+        ok = df["status"].isin(ELIGIBLE) & df["composite"].notna() & (df["composite"] > DIVERGED_SCORE)
+        ok &= df["composite"].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))
+        return df[ok].sort_values(["composite", "trial_id"], ascending=[False, True])
+
+    def objective_metrics(self) -> dict[str, str]:
+        objective = (self.info.get("objective") or {})
+        if objective.get("type") == "pareto":
+            return dict(objective.get("metrics") or {"ssim": "max", "mse": "min", "gradient_match": "max"})
+        return {"composite": "max"}
+
+    def pareto_front(self) -> pd.DataFrame:
+        return pareto_front(self.ranked(), self.objective_metrics())
+
+    def trial_config(self, trial_id: str) -> dict[str, Any]:
+        """The full training config of a trial (base config + its sampled values)."""
+        if self.sweep is None:
+            raise ResultsError(f"{self.sweep_dir}: cannot rebuild trial configs without {SWEEP_CONFIG}")
+        return sp.trial_config(self.sweep.base_train, self.sweep.params, self.configs.get(trial_id, {}))
+
+
+def pareto_front(df: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFrame:
+    """The non-dominated rows for ``metrics`` ({column: "max"|"min"})."""
+    if df.empty:
+        return df
+    cols = [c for c in metrics if c in df.columns]
+    signs = [1.0 if metrics[c] == "max" else -1.0 for c in cols]
+    values = [[s * float(row[c]) for c, s in zip(cols, signs)] for _, row in df.iterrows()]
+    keep = []
+    for i, a in enumerate(values):
+        dominated = any(all(bj >= ai for ai, bj in zip(a, b)) and any(bj > ai for ai, bj in zip(a, b))
+                        for j, b in enumerate(values) if j != i)
+        keep.append(not dominated)
+    return df[keep]
+
+
+# ----- reading ----------------------------------------------------------------------------------
+def _fs_and_path(path: str):
+    import pyarrow.fs as pafs
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def _read_text(fs, path: str) -> str | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8", errors="replace")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _read_results(text: str | None) -> list[dict[str, Any]]:
+    rows = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a crash
+            continue
+    return rows
+
+
+def read_info(sweep_dir: str | Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / SWEEP_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        sweeps = sorted(p.parent.name for p in Path(sweep_dir).glob(f"*/{SWEEP_FILE}"))
+        hint = f"; sweeps in it: {', '.join(sweeps)}" if sweeps else ""
+        raise ResultsError(f"{sweep_dir}: not a losstune sweep folder (no {SWEEP_FILE}){hint}") from None
+    except (OSError, ValueError) as err:
+        raise ResultsError(f"{path}: unreadable: {err}") from None
+
+
+def load_sweep_of(sweep_dir: Path, info: Mapping[str, Any]):
+    from search.config import SweepConfigError, load_sweep
+    path = sweep_dir / SWEEP_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return load_sweep(path, deep=False, check_task=False, check_paths=False)
+    except SweepConfigError:
+        return None
+
+
+def load_results(sweep_dir: str | Path) -> SweepResults:
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    if not sweep_dir.is_dir():
+        raise ResultsError(f"{sweep_dir}: no such results folder")
+    info = read_info(sweep_dir)
+    sweep = load_sweep_of(sweep_dir, info)
+    tune_dir = info.get("tune_dir") or str(sweep_dir)
+    runs = read_runs_file(sweep_dir)
+    max_epochs = int(info.get("max_epochs") or (sweep.epochs if sweep else 0) or 0)
+    param_names = list(info.get("params") or (list(sweep.params) if sweep else []))
+    sweep_ended = info.get("status") in ("finished", "failed")
+
+    fs, base = _fs_and_path(tune_dir)
+    import pyarrow.fs as pafs
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError as err:
+        raise ResultsError(f"{tune_dir}: cannot list trials: {err}") from None
+    rows, histories, configs = [], {}, {}
+    for entry in sorted(entries, key=lambda e: e.path):
+        if entry.type != pafs.FileType.Directory:
+            continue
+        params_text = _read_text(fs, f"{entry.path}/params.json")
+        history = _read_results(_read_text(fs, f"{entry.path}/result.json"))
+        if params_text is None and not history:
+            continue
+        try:
+            config = json.loads(params_text) if params_text else (history[-1].get("config") or {})
+        except ValueError:
+            config = history[-1].get("config", {}) if history else {}
+        trial_id = (history[-1].get("trial_id") if history else None) or entry.base_name.removeprefix("trial_")
+        errored = any(fs.get_file_info(f"{entry.path}/{n}").type == pafs.FileType.File
+                      for n in ("error.txt", "error.pkl"))
+        histories[trial_id], configs[trial_id] = history, config
+        rows.append(_row(trial_id, config, history, runs.get(trial_id, {}), errored, max_epochs, sweep,
+                         sweep_ended, entry.path))
+    # trials known to the tracker but without a folder yet
+    for trial_id, entry in runs.items():
+        if trial_id not in histories:
+            histories[trial_id], configs[trial_id] = [], {}
+            rows.append({"trial_id": trial_id, "status": entry.get("status", "pending"), "epochs": 0,
+                         "run_id": entry.get("run_id"), **{k: entry.get("params", {}).get(k) for k in param_names}})
+    table = pd.DataFrame(rows)
+    columns = ["trial_id", "status", *param_names, *METRIC_COLUMNS, "epochs", "time_s", "run_id", "path"]
+    for c in columns:
+        if c not in table.columns:
+            table[c] = None
+    extra = [c for c in table.columns if c not in columns]
+    table = table[columns + extra]
+    for c in METRIC_COLUMNS + ["time_s"]:
+        table[c] = pd.to_numeric(table[c], errors="coerce")
+    table["epochs"] = pd.to_numeric(table["epochs"], errors="coerce").fillna(0).astype(int)
+    return SweepResults(sweep_dir, info, sweep, table, histories, configs, param_names)
+
+
+def _row(trial_id: str, config: Mapping[str, Any], history: list[dict[str, Any]], run: Mapping[str, Any],
+         errored: bool, max_epochs: int, sweep, sweep_ended: bool, path: str) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    epochs = int(last.get("training_iteration") or 0)
+    status = run.get("status")
+    if status is None or (status == "running" and sweep_ended):
+        if not history:
+            status = "failed" if errored else "pending"
+        elif float(last.get("diverged") or 0) >= 1:
+            status = "diverged"
+        elif errored and not last.get("done"):
+            status = "failed"
+        elif max_epochs and epochs >= max_epochs:
+            status = "finished"
+        elif sweep_ended:
+            status = "stopped_early"
+        else:
+            status = "unknown"
+    if sweep is not None:
+        try:
+            params = sp.decode(sweep.params, config)
+        except (ValueError, KeyError):
+            params = dict(config)
+    else:
+        params = dict(config)
+    composites = [float(r["composite"]) for r in history
+                  if isinstance(r.get("composite"), (int, float)) and math.isfinite(r["composite"])]
+    row = {"trial_id": trial_id, "status": status,
+           **{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()},
+           "composite": last.get("composite"), "best_composite": max(composites) if composites else None,
+           "ssim": last.get("ssim"), "mse": last.get("mse"), "psnr": last.get("psnr"),
+           "gradient_match": last.get("gradient_match"), "epochs": epochs,
+           "time_s": last.get("time_total_s"), "run_id": run.get("run_id"), "path": path}
+    return row
+
+
+def sort_table(df: pd.DataFrame, column: str | None) -> pd.DataFrame:
+    column = column or "composite"
+    if column not in df.columns:
+        raise ResultsError(f"--sort: no column {column!r}; columns: {', '.join(df.columns)}")
+    return df.sort_values(column, ascending=column in ASCENDING, na_position="last", kind="stable")
+
+
+def format_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
+    shown = df.drop(columns=[c for c in ("path",) if c in df.columns])
+    if max_rows is not None:
+        shown = shown.head(max_rows)
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 40,
+                           "display.float_format", lambda v: f"{v:.4g}"):
+        return shown.to_string(index=False)
+
+
+def write_reports(results: SweepResults) -> dict[str, Path]:
+    """trials.csv (and pareto.csv for a pareto objective) in the sweep folder."""
+    out = {}
+    path = results.sweep_dir / "trials.csv"
+    results.table.drop(columns=["path"]).to_csv(path, index=False)
+    out["trials"] = path
+    if results.objective_metrics() != {"composite": "max"}:
+        path = results.sweep_dir / "pareto.csv"
+        results.pareto_front().drop(columns=["path"]).to_csv(path, index=False)
+        out["pareto"] = path
+    return out
+
+
+__all__ = ["SweepResults", "ResultsError", "load_results", "pareto_front", "sort_table", "format_table",
+           "write_reports", "RUNS_FILE", "SWEEP_FILE", "SWEEP_CONFIG"]

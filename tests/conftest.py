@@ -1,0 +1,75 @@
+"""Shared fixtures: a local Ray (2 CPUs, no dashboard) for the session, an MLflow store in tmp_path.
+
+Keep them general: other test files use them too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs for the whole session (started on first use, shut down at the end).
+
+    ``tests/`` and the repository root are put on the workers' PYTHONPATH so plug-in tasks such as
+    ``plugin_task:build`` import inside trials.
+    """
+    import ray
+
+    paths = [str(TESTS), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    for p in (str(TESTS), str(REPO)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING",
+                 configure_logging=True)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path) -> str:
+    """An empty MLflow store (sqlite) in the test's tmp_path; absolute URI."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No ambient MLflow / Ray settings leak into a test."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def _mlflow_runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture
+def mlflow_runs():
+    """``mlflow_runs(uri, experiment)`` -> all runs of the experiment (mlflow Run objects), [] if none."""
+    return _mlflow_runs

@@ -1,0 +1,285 @@
+"""End-to-end sweeps on a real local Ray (2 CPUs), real Optuna and MLflow on sqlite in tmp_path.
+
+Tiny microstructure configs (16 px, 4 sequences, hidden [4, 8], <= 4 epochs) keep the file in a
+few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from search.cli import main
+from search.trials import load_results, pareto_front
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+LOOP_METRICS = {"loss", "loss_pixel", "val_loss", "ssim", "mse", "psnr", "gradient_match", "sharpness_ratio",
+                "histogram_distance", "composite"}
+
+pytestmark = pytest.mark.slow
+
+
+def _sweep(tmp_path: Path, cfg: dict, name: str, *extra: str) -> tuple[int, Path, str]:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri, *extra])
+    return rc, tmp_path / "res" / cfg["name"], uri
+
+
+def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_runs):
+    rc, sweep_dir, uri = _sweep(tmp_path, SMOKE, "smoke")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "top trials" in out
+    n = SMOKE["search"]["num_samples"]
+    epochs = SMOKE["train"]["epochs"]
+
+    # results folder
+    for name in ("sweep.json", "sweep.yaml", "optuna.db", "best.yaml", "trials.csv", "mlflow_runs.json"):
+        assert (sweep_dir / name).is_file(), name
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["status"] == "finished" and info["parent_run_id"]
+    # the tracking callback's own cost per result stays tiny
+    assert info["tracking"]["num_results"] == n * epochs
+    assert info["tracking"]["per_result_ms"] < 1.0, info["tracking"]
+    assert info["tracking"]["dropped_metrics"] == 0
+
+    # the Optuna study is persisted and reloadable
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.trials) == n
+    assert study.trials[0].params["gradient_weight"] == 0.0  # the hand-set point ran first
+
+    # MLflow: one parent, one child per trial, params + per-epoch metrics
+    runs = mlflow_runs(uri, "losstune-smoke")
+    parents = [r for r in runs if r.data.tags.get("losstune.kind") == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_id == info["parent_run_id"] and parent.info.status == "FINISHED"
+    assert parent.data.params["train.data.size"] == "16"
+    assert "best_composite" in parent.data.metrics
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == n
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    trial_ids = set()
+    for child in children:
+        assert set(child.data.params) == {"gradient_weight", "lr", "model.hidden_channels"}
+        assert child.data.params["model.hidden_channels"] in ("[4, 8]", "[8, 8]")
+        assert child.data.tags["losstune.task"] == "microstructure"
+        assert child.data.tags["losstune.status"] == "finished" and child.info.status == "FINISHED"
+        assert child.data.tags.get("losstune.node_ip")
+        assert LOOP_METRICS <= set(child.data.metrics), set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "composite")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+        trial_ids.add(child.data.tags["losstune.trial_id"])
+
+    # trials table / CSV agree with MLflow
+    results = load_results(sweep_dir)
+    assert set(results.table["trial_id"]) == trial_ids
+    assert (results.table["status"] == "finished").all()
+    assert (results.table["epochs"] == epochs).all()
+    csv = pd.read_csv(sweep_dir / "trials.csv")
+    assert len(csv) == n
+
+    # best.yaml: a complete training config + provenance, the best composite
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    prov = best.pop("provenance")
+    from trainables.config import TrainConfig
+    assert set(best) == set(TrainConfig.model_fields)
+    assert prov["score"] == pytest.approx(results.table["composite"].max())
+    assert prov["mlflow"]["parent_run_id"] == parent.info.run_id
+    assert prov["mlflow"]["run_id"] in {c.info.run_id for c in children}
+    assert prov["trial_id"] in trial_ids
+
+    # export --top-k
+    assert main(["export", str(sweep_dir), "--top-k", "2", "--out", str(tmp_path / "exp" / "best.yaml")]) == 0
+    assert (tmp_path / "exp" / "best.yaml").is_file() and (tmp_path / "exp" / "best_2.yaml").is_file()
+    second = yaml.safe_load((tmp_path / "exp" / "best_2.yaml").read_text())["provenance"]
+    assert second["rank"] == 2 and second["score"] <= prov["score"]
+
+    # trials command
+    capsys.readouterr()
+    assert main(["trials", str(sweep_dir), "--sort", "mse", "--csv", str(tmp_path / "t.csv")]) == 0
+    table = capsys.readouterr().out
+    assert "trial_id" in table and "composite" in table and all(t in table for t in trial_ids)
+    assert len(pd.read_csv(tmp_path / "t.csv")) == n
+
+    # final training from best.yaml, logged under the sweep's parent run
+    assert main(["train", str(sweep_dir / "best.yaml"), "--epochs", "1", "--no-progress"]) == 0
+    model = sweep_dir / "final" / "model.pt"
+    assert model.is_file() and (sweep_dir / "final" / "config.yaml").is_file()
+    saved = torch.load(model, weights_only=False)
+    assert saved["config"]["epochs"] == 1 and saved["state_dict"]
+    finals = [r for r in mlflow_runs(uri, "losstune-smoke") if r.data.tags.get("losstune.final") == "true"]
+    assert len(finals) == 1
+    final = finals[0]
+    assert final.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert final.info.status == "FINISHED"
+    assert "composite" in final.data.metrics and final.data.params["epochs"] == "1"
+
+    # the same sweep again without --resume: refused, nothing clobbered
+    rc, _, _ = _sweep(tmp_path, SMOKE, "smoke")
+    assert rc == 2 and (sweep_dir / "best.yaml").is_file()
+
+
+def test_asha_stops_bad_trials_early(tmp_path, ray_local, clean_env, capsys, mlflow_runs):
+    cfg = yaml.safe_load(yaml.safe_dump(SMOKE))
+    cfg["name"] = "asha"
+    cfg["train"]["epochs"] = 4
+    # a learning-rate range whose upper part is clearly bad after one epoch (composite ~ -0.1 vs 0.55)
+    cfg["space"] = {"lr": {"type": "loguniform", "low": 1e-3, "high": 1.0},
+                    "gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.2}}
+    cfg["search"] = {"sampler": "tpe", "seed": 1, "num_samples": 6, "max_concurrent": 2,
+                     "points_to_evaluate": [{"lr": 3e-3}, {"lr": 3e-3, "gradient_weight": 0.1},
+                                            {"lr": 1.0}, {"lr": 0.5}]}
+    cfg["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+    rc, sweep_dir, uri = _sweep(tmp_path, cfg, "asha")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    results = load_results(sweep_dir)
+    table = results.table
+    assert len(table) == 6
+    stopped = table[table["epochs"] < 4]
+    assert len(stopped) >= 1, table
+    assert set(stopped["status"]) == {"stopped_early"}
+    assert (table[table["epochs"] == 4]["status"] == "finished").all()
+    # the best trial is not one of the clearly bad ones
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["lr"] < 0.1 and best["provenance"]["score"] > 0
+    # MLflow mirrors ASHA's decision
+    runs = {r.data.tags.get("losstune.trial_id"): r for r in mlflow_runs(uri, "losstune-smoke")}
+    for trial_id in stopped["trial_id"]:
+        run = runs[trial_id]
+        assert run.data.tags["losstune.status"] == "stopped_early" and run.info.status == "KILLED"
+    assert "stopped early" in out
+
+
+def test_pareto_sweep_saves_its_front(tmp_path, ray_local, clean_env, capsys):
+    cfg = yaml.safe_load(yaml.safe_dump(SMOKE))
+    cfg["name"] = "pareto"
+    cfg["space"] = {"gradient_weight": {"type": "uniform", "low": 0.0, "high": 1.0},
+                    "lr": {"type": "loguniform", "low": 1e-3, "high": 3e-2}}
+    cfg["search"] = {"sampler": "nsga2", "seed": 0, "num_samples": 4, "max_concurrent": 2}
+    cfg["objective"] = {"type": "pareto"}
+    rc, sweep_dir, _ = _sweep(tmp_path, cfg, "pareto")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "pareto front" in out
+    front = pd.read_csv(sweep_dir / "pareto.csv")
+    assert 1 <= len(front) <= 4
+    results = load_results(sweep_dir)
+    metrics = {"ssim": "max", "mse": "min", "gradient_match": "max"}
+    # every trial off the front is dominated by one on it, and no front member dominates another
+    assert set(front["trial_id"]) == set(pareto_front(results.ranked(), metrics)["trial_id"])
+    for _, row in results.table.iterrows():
+        if row["trial_id"] in set(front["trial_id"]):
+            continue
+        assert any(f["ssim"] >= row["ssim"] and f["mse"] <= row["mse"] and
+                   f["gradient_match"] >= row["gradient_match"] for _, f in front.iterrows())
+    # Optuna ran a 3-objective study
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.directions) == 3 and study.best_trials
+    assert all(math.isfinite(v) for t in study.best_trials for v in t.values)
+    assert (sweep_dir / "best.yaml").is_file()
+
+
+# ----- the tracking callback on its own (no Ray trials): cheap hooks, no duplicate runs, a dead server
+class _FakeTrial:
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config, self.last_result, self.status = trial_id, config, {}, "RUNNING"
+        self.path = "/nowhere"
+
+    def __str__(self) -> str:
+        return f"losstune_trial_{self.trial_id}"
+
+
+def _drive(cb, trial: _FakeTrial, epochs: range, end: str | None = "complete") -> None:
+    cb.on_trial_start(0, [trial], trial)
+    for epoch in epochs:
+        result = {"training_iteration": epoch, "epoch": float(epoch), "composite": 0.1 * epoch, "ssim": 0.5,
+                  "mse": 0.01, "loss": 1.0 / epoch, "diverged": 0.0, "node_ip": "10.0.0.1", "time_total_s": 1.0,
+                  "config": trial.config, "done": False}
+        trial.last_result = result
+        cb.on_trial_result(0, [trial], trial, result)
+    if end == "complete":
+        cb.on_trial_complete(0, [trial], trial)
+
+
+def test_tracking_callback_resume_reuses_runs(tmp_path, mlflow_uri, mlflow_runs):
+    from search.tracking import SweepTracker, TrackingCallback, read_runs_file
+
+    tracker = SweepTracker(mlflow_uri, "cbtest")
+    parent = tracker.start("cb", {"train.lr": 0.001}, {})
+    make = lambda: TrackingCallback(tmp_path, mlflow_uri, tracker.experiment_id, parent, max_epochs=3,  # noqa: E731
+                                    decode=lambda c: {"w": c["w"]}, tags={"losstune.task": "t"},
+                                    flush_interval=0.05)
+    cb = make()
+    cb.setup()
+    a, b = _FakeTrial("aaa", {"w": 0.1}), _FakeTrial("bbb", {"w": 0.2})
+    _drive(cb, a, range(1, 4))             # finished
+    _drive(cb, b, range(1, 2), end=None)    # interrupted after one epoch
+    assert cb.flush(timeout=30)
+    assert cb.stats()["per_result_ms"] < 1.0
+    cb.mark_interrupted()
+    cb.close(timeout=30)
+    assert read_runs_file(tmp_path)["bbb"]["status"] == "interrupted"
+
+    # "--resume": a new callback (as Tune unpickles it) continues b in the same child run
+    cb2 = make()
+    cb2.setup()
+    _drive(cb2, b, range(2, 4))
+    cb2.close(timeout=30)
+    runs = [r for r in mlflow_runs(mlflow_uri, "cbtest") if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert sorted(r.data.tags["losstune.trial_id"] for r in runs) == ["aaa", "bbb"]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_uri)
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["losstune.status"] == "finished"
+        assert run.data.tags["losstune.node_ip"] == "10.0.0.1"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "composite")]
+        assert sorted(steps) == [1, 2, 3]
+    assert {r.data.params["w"] for r in runs} == {"0.1", "0.2"}
+    statuses = read_runs_file(tmp_path)
+    assert {k: v["status"] for k, v in statuses.items()} == {"aaa": "finished", "bbb": "finished"}
+
+
+def test_tracking_callback_survives_a_dead_server(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from search.tracking import TrackingCallback, read_runs_file
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cb = TrackingCallback(tmp_path, f"http://127.0.0.1:{port}", "0", "parent", max_epochs=2, flush_interval=0.05)
+    cb.setup()
+    trial = _FakeTrial("ccc", {"w": 1})
+    t0 = time.perf_counter()
+    _drive(cb, trial, range(1, 3))
+    assert time.perf_counter() - t0 < 0.5  # the hooks never wait for the server
+    t0 = time.perf_counter()
+    cb.close(timeout=3)
+    assert time.perf_counter() - t0 < 20
+    stats = cb.stats()
+    assert stats["errors"] >= 1 and stats["dropped_metrics"] > 0
+    assert read_runs_file(tmp_path)["ccc"]["status"] == "finished"  # statuses do not depend on MLflow
+
+
+def test_unschedulable_trials_are_refused(tmp_path, ray_local, clean_env, capsys):
+    cfg = yaml.safe_load(yaml.safe_dump(SMOKE))
+    cfg["resources"] = {"cpu": 64, "gpu": 0}
+    rc, sweep_dir, _ = _sweep(tmp_path, cfg, "toobig")
+    assert rc == 2 and "resources" in capsys.readouterr().err
+    assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
