@@ -1,0 +1,188 @@
+"""A compact live status line during a sweep (a ``ray.tune.Callback``).
+
+    [losstune] 3/8 done (2 finished, 1 stopped, 0 diverged) · 2 running · best composite 0.5514 (dc66737a) · ETA ~1m10s
+
+Printed at most every ``interval`` seconds (``$LOSSTUNE_PROGRESS_INTERVAL``, default 10; ``0`` turns the
+line off) when the counts or the best score changed, else once a minute; once more when the sweep ends. The ETA
+is the mean wall time of the trials that ended × the trials left ÷ the trials running at once (before
+the first trial ends: the running trials' mean epoch time × the epochs left). Each hook only does a few
+comparisons unless a line is due, so the driver's loop stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+from ray import tune
+
+DEFAULT_INTERVAL = 10.0
+QUIET_REPRINT_S = 60.0
+
+
+def progress_interval(default: float = DEFAULT_INTERVAL) -> float:
+    try:
+        return max(0.0, float(os.environ.get("LOSSTUNE_PROGRESS_INTERVAL", default)))
+    except ValueError:
+        return default
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m"
+
+
+def classify(trial, max_epochs: int) -> str:
+    """running | pending | finished | stopped | diverged | failed for a Tune trial."""
+    status = getattr(trial, "status", "PENDING")
+    last = getattr(trial, "last_result", None) or {}
+    if status == "ERROR":
+        return "failed"
+    if status == "TERMINATED":
+        if float(last.get("diverged") or 0) >= 1:
+            return "diverged"
+        if int(last.get("training_iteration") or 0) < max_epochs:
+            return "stopped"
+        return "finished"
+    if status in ("RUNNING", "PAUSED"):
+        return "running"
+    return "pending"
+
+
+class SweepStatus(tune.Callback):
+    """Prints the status line; see the module docstring."""
+
+    def __init__(self, total: int, max_epochs: int, max_concurrent: int | None = None,
+                 interval: float | None = None, out: Callable[[str], None] | None = None):
+        self.total = int(total)
+        self.max_epochs = int(max_epochs)
+        self.max_concurrent = max_concurrent
+        self.interval = progress_interval() if interval is None else float(interval)
+        self.out = out
+        self._init_runtime()
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks (tuner.pkl); the printer is process-local
+        return {k: self.__dict__[k] for k in ("total", "max_epochs", "max_concurrent", "interval")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.out = None
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._started = time.monotonic()
+        self._last_print = -math.inf
+        self._last_line = ""
+        self._last_key: Any = None
+        self._best: tuple[float, str] | None = None
+        self._ended_times: dict[str, float] = {}
+        self.lines = 0
+
+    # ----- hooks ----------------------------------------------------------------------------------
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        score = result.get("composite")
+        if isinstance(score, (int, float)) and math.isfinite(score) and float(result.get("diverged") or 0) < 1:
+            if self._best is None or score > self._best[0]:
+                self._best = (float(score), trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial)
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.interval <= 0:
+            return
+        now = time.monotonic()
+        if now - self._last_print < self.interval:
+            return
+        trials = list(trials)
+        key = (tuple(sorted(self.counts(trials).items())), self._best)
+        if key != self._last_key or now - self._last_print >= QUIET_REPRINT_S:
+            self._emit(self.status_line(trials))
+            self._last_key = key
+            self._last_print = now
+
+    def on_experiment_end(self, trials, **info):
+        if self.interval > 0:
+            self._emit(self.status_line(trials, final=True))
+
+    # ----- the line ----------------------------------------------------------------------------------
+    def _ended(self, trial) -> None:
+        last = getattr(trial, "last_result", None) or {}
+        t = last.get("time_total_s")
+        if isinstance(t, (int, float)) and math.isfinite(t):
+            self._ended_times[trial.trial_id] = float(t)
+
+    def counts(self, trials: Iterable[Any]) -> dict[str, int]:
+        counts = dict.fromkeys(("running", "pending", "finished", "stopped", "diverged", "failed"), 0)
+        for t in trials:
+            counts[classify(t, self.max_epochs)] += 1
+        return counts
+
+    def eta(self, trials: list, counts: dict[str, int]) -> float | None:
+        ended = counts["finished"] + counts["stopped"] + counts["diverged"] + counts["failed"]
+        left = max(0, self.total - ended)
+        if left == 0:
+            return 0.0
+        parallel = max(1, counts["running"], min(self.max_concurrent or 1, left))
+        if self._ended_times:
+            mean = sum(self._ended_times.values()) / len(self._ended_times)
+            # the running ones are partly done: count their remaining share
+            running_left = 0.0
+            for t in trials:
+                if classify(t, self.max_epochs) == "running":
+                    done = float((getattr(t, "last_result", None) or {}).get("time_total_s") or 0.0)
+                    running_left += max(0.0, mean - done)
+            queued = max(0, left - counts["running"])
+            return (running_left + queued * mean) / parallel
+        # nothing ended yet: per-epoch time of the running trials
+        per_epoch, epochs_done = [], []
+        for t in trials:
+            last = getattr(t, "last_result", None) or {}
+            iters = int(last.get("training_iteration") or 0)
+            if classify(t, self.max_epochs) == "running" and iters > 0:
+                per_epoch.append(float(last.get("time_total_s") or 0.0) / iters)
+                epochs_done.append(iters)
+        if not per_epoch:
+            return None
+        mean_epoch = sum(per_epoch) / len(per_epoch)
+        remaining_epochs = sum(self.max_epochs - e for e in epochs_done) + (left - len(per_epoch)) * self.max_epochs
+        return mean_epoch * remaining_epochs / parallel
+
+    def status_line(self, trials, final: bool = False) -> str:
+        trials = list(trials)
+        c = self.counts(trials)
+        ended = c["finished"] + c["stopped"] + c["diverged"] + c["failed"]
+        parts = [f"{ended}/{self.total} done ({c['finished']} finished, {c['stopped']} stopped, "
+                 f"{c['diverged']} diverged" + (f", {c['failed']} failed" if c["failed"] else "") + ")"]
+        if not final:
+            parts.append(f"{c['running']} running" + (f", {c['pending']} pending" if c["pending"] else ""))
+        if self._best is not None:
+            parts.append(f"best composite {self._best[0]:.4f} ({self._best[1]})")
+        elapsed = time.monotonic() - self._started
+        if final:
+            parts.append(f"took {format_duration(elapsed)}")
+        else:
+            parts.append(f"elapsed {format_duration(elapsed)}, ETA ~{format_duration(self.eta(trials, c))}")
+        return "[losstune] " + " · ".join(parts)
+
+    def _emit(self, line: str) -> None:
+        self._last_line = line
+        self.lines += 1
+        if self.out is not None:
+            self.out(line)
+        else:
+            print(line, file=sys.stdout, flush=True)
