@@ -450,4 +450,12 @@ def _strip_field(msg: str, key: str) -> str:
 
 
 def _prefix_train(msg: str) -> str:
-    return "\n".join(line if line.startswith("train.") else f"train.{line}" for line in msg.splitlines())
+    """``field: …`` -> ``train.field: …``; a message about a file (``/data/b.png: …``) -> ``train.data: …``."""
+    def one(line: str) -> str:
+        if line.startswith("train."):
+            return line
+        head = line.split(":", 1)[0]
+        if head and all(part.isidentifier() or part.isdigit() for part in head.split(".")):
+            return f"train.{line}"
+        return f"train.data: {line}"
+    return "\n".join(one(line) for line in msg.splitlines())

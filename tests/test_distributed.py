@@ -1,0 +1,168 @@
+"""Issue 4, distributed: a sweep on a real two-node Ray cluster on this machine, driven by the CLI's
+``--address``.
+
+The cluster (``ray.cluster_utils.Cluster``: a head and one worker node, one CPU each) lives in a
+helper process with its own ``RAY_TMPDIR``, so neither this test process nor anybody else's
+``ray.init()`` on the machine can attach to it by accident. Each node has one CPU and a trial needs
+one, so two concurrent trials must run on different nodes. On one machine both nodes have the same
+IP; the trials are told apart by the Ray node id that losstune records with every result
+(``node_id``) and as the child run's tag ``losstune.node_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+pytestmark = pytest.mark.slow
+
+CLUSTER_SCRIPT = r"""
+import json, sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+worker = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+print(json.dumps({"address": cluster.address, "head": cluster.head_node.node_id, "worker": worker.node_id}),
+      flush=True)
+sys.stdin.read()  # until the test closes our stdin
+cluster.shutdown()
+"""
+
+
+def build_slow(config):
+    """``plugin_task:build`` sleeping ``data.step_sleep`` s per step (so that trials overlap)."""
+    import plugin_task
+
+    task = plugin_task.build(config)
+    sleep = float(config.data.get("step_sleep", 0.05))
+    inner = task.training_step
+
+    def training_step(model, batch, step):
+        time.sleep(sleep)
+        return inner(model, batch, step)
+
+    task.training_step = training_step
+    return task
+
+
+def _env(ray_tmp: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS") and not k.startswith("MLFLOW_TRACKING_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])  # the plug-in imports on every node
+    env["RAY_TMPDIR"] = ray_tmp
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    return env
+
+
+@pytest.fixture
+def two_node_cluster():
+    """``{"address", "head", "worker"}`` of a running two-node cluster (node ids in hex)."""
+    ray_tmp = tempfile.mkdtemp(prefix="ltd", dir="/tmp")  # short: Ray's socket paths live below it
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=_env(ray_tmp), cwd=ray_tmp)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the cluster did not start (rc {proc.wait(30)})")
+        info = json.loads(line)
+        info["ray_tmp"] = ray_tmp
+        yield info
+    finally:
+        import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files)
+        import psutil
+        try:
+            started = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            started = []
+        try:
+            proc.stdin.close()
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+        _, alive = psutil.wait_procs(started, timeout=5)
+        for p in alive:  # what the cluster started and left behind, by pid
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_sweep_runs_on_both_nodes_of_a_cluster(tmp_path, two_node_cluster):
+    n, epochs = 4, 2
+    cfg = {
+        "name": "cluster",
+        "train": {"task": "test_distributed:build_slow", "epochs": epochs, "batch_size": 12, "device": "cpu",
+                  "amp": "off", "data": {"size": 16, "step_sleep": 0.15}},
+        "space": {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+                  "gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.2}},
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": n, "max_concurrent": 2},
+        "scheduler": {"type": "fifo"},
+        "resources": {"cpu": 1},
+        "mlflow": {"experiment": "cluster"},
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res, sweep_dir = tmp_path / "res", tmp_path / "res" / "cluster"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exe = Path(sys.executable).with_name("losstune")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "search.cli"]
+    address = two_node_cluster["address"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd + ["sweep", str(path), "--address", address, "--results-dir", str(res),
+                                 "--tracking-uri", uri],
+                          capture_output=True, text=True, env=_env(two_node_cluster["ray_tmp"]), cwd=tmp_path,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert time.perf_counter() - t0 < 240
+
+    nodes = {two_node_cluster["head"], two_node_cluster["worker"]}
+    assert len(nodes) == 2
+
+    # Tune's results are complete, and each result says which node produced it
+    from search.trials import load_results
+    table = load_results(sweep_dir).table
+    assert len(table) == n and set(table["status"]) == {"finished"}, table
+    used = set()
+    for trial in table["trial_id"]:
+        lines = (sweep_dir / f"trial_{trial}" / "result.json").read_text().splitlines()
+        results = [json.loads(line) for line in lines if line.strip()]
+        assert [r["training_iteration"] for r in results] == list(range(1, epochs + 1))
+        trial_nodes = {r["node_id"] for r in results}
+        assert len(trial_nodes) == 1 and trial_nodes <= nodes, trial_nodes
+        used |= trial_nodes
+    assert used == nodes, "the trials did not run on both nodes"
+
+    # MLflow: one parent, one complete child per trial, tagged with its node
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("cluster")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("losstune.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == n
+    assert {c.data.tags["losstune.trial_id"] for c in children} == set(table["trial_id"])
+    tagged = set()
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["losstune.status"] == "finished"
+        assert child.data.tags.get("losstune.node_ip")
+        tagged.add(child.data.tags["losstune.node_id"])
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "composite"))
+        assert steps == list(range(1, epochs + 1))
+    assert tagged == nodes
+    assert (sweep_dir / "best.yaml").is_file()

@@ -1,0 +1,582 @@
+"""Issue 7, reliability and security, on real processes: a real local Ray, real Optuna, MLflow on sqlite
+or a real ``mlflow server`` on 127.0.0.1, and real SIGKILLs.
+
+* a trial's worker process killed mid-training -> the trial restarts from its last checkpoint;
+* the driver (``losstune sweep``) killed mid-sweep -> ``--resume`` finishes it without re-running or
+  re-reporting completed trials, without duplicate MLflow runs, with the Optuna history kept;
+* a NaN loss -> the trial ends ``diverged`` with the worst score, and the sweep goes on;
+* the MLflow server dies mid-sweep -> the trials finish, ``losstune export`` works;
+* tracking credentials come only from the environment and end up nowhere on disk or in the output;
+  a local sweep starts no dashboard listener.
+
+The trials run ``build_slow`` below (the README's plug-in example, slowed down so that there is
+time to kill things); Ray workers import it as ``test_reliability:build_slow`` (``tests/`` is on
+their PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+pytestmark = pytest.mark.slow
+
+
+# ----- the plug-in task of these trials ----------------------------------------------------------
+def build_slow(config):
+    """``plugin_task:build`` sleeping ``data.step_sleep`` s per training step.
+
+    With ``data.pid_dir`` set, each process that trains the task writes
+    ``<pid_dir>/<trial_id>-<pid>`` = ``"<trial_id> <first global step it trained> <pid>"``, so a test
+    knows whom to kill and whether a restarted trial began at step 0 or from its checkpoint.
+    """
+    import plugin_task
+
+    task = plugin_task.build(config)
+    sleep = float(config.data.get("step_sleep", 0.05))
+    pid_dir = config.data.get("pid_dir")
+    inner = task.training_step
+    first: list[int] = []
+
+    def training_step(model, batch, step):
+        if not first and model.training:
+            first.append(step)
+            if pid_dir:
+                from ray import tune
+                trial_id = tune.get_context().get_trial_id()
+                path = Path(pid_dir) / f"{trial_id}-{os.getpid()}"
+                path.write_text(f"{trial_id} {step} {os.getpid()}\n")
+        time.sleep(sleep)
+        return inner(model, batch, step)
+
+    task.training_step = training_step
+    return task
+
+
+# ----- helpers -----------------------------------------------------------------------------------------
+def _config(name: str, pid_dir: Path, *, epochs: int = 3, num_samples: int = 3, max_concurrent: int = 2,
+            step_sleep: float = 0.15, **extra) -> dict:
+    cfg = {
+        "name": name,
+        "train": {"task": "test_reliability:build_slow", "epochs": epochs, "batch_size": 12, "device": "cpu",
+                  "amp": "off", "data": {"size": 16, "step_sleep": step_sleep, "pid_dir": str(pid_dir)}},
+        "space": {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+                  "gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.2}},
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": num_samples, "max_concurrent": max_concurrent},
+        "scheduler": {"type": "fifo"},
+        "resources": {"cpu": 1},
+        "ray": {"num_cpus": 2},
+        "mlflow": {"experiment": f"rel-{name}"},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS") and not k.startswith("MLFLOW_TRACKING_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    env.update(extra)
+    return env
+
+
+def _losstune() -> list[str]:
+    exe = Path(sys.executable).with_name("losstune")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "search.cli"]
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended (rc {proc.returncode}) before {what}:\n"
+                                 + (log.read_text()[-4000:] if log else ""))
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (":\n" + log.read_text()[-4000:] if log else ""))
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def _iterations(trial_dir: Path) -> list[int]:
+    """The training_iteration of every result Tune recorded for a trial (its result.json lines)."""
+    out = []
+    path = trial_dir / "result.json"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                out.append(int(json.loads(line)["training_iteration"]))
+    return out
+
+
+def _epochs_reported(trial_dir: Path) -> list[int]:
+    path = trial_dir / "result.json"
+    return [int(json.loads(line)["epoch"]) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pid_files(pid_dir: Path) -> list[tuple[str, int, int]]:
+    """(trial_id, first step trained, pid) per process that trained a trial, oldest first."""
+    out = []
+    for path in sorted(pid_dir.iterdir(), key=lambda p: p.stat().st_mtime):
+        parts = path.read_text().split()
+        if len(parts) == 3:
+            out.append((parts[0], int(parts[1]), int(parts[2])))
+    return out
+
+
+def _runs_file(sweep_dir: Path) -> dict:
+    try:
+        return json.loads((sweep_dir / "mlflow_runs.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _children(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    parents = [r for r in runs if r.data.tags.get("losstune.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
+                and r.data.tags.get("losstune.final") != "true"]
+    return client, parents, children
+
+
+def _descendants(pid: int) -> list:
+    import ray  # noqa: F401 - Ray ships psutil (ray/thirdparty_files) and puts it on sys.path
+    import psutil
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _reap(processes: list, timeout: float = 10.0) -> None:
+    """Give processes we started (directly or through Ray) ``timeout`` s to exit, then SIGKILL them by pid."""
+    import psutil
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ----- a trial's worker killed mid-training ---------------------------------------------------------------
+def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, ray_local, clean_env):
+    from search.cli import main
+    from search.trials import load_results
+
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    epochs = 4
+    cfg = _config("killtrial", pid_dir, epochs=epochs, num_samples=2, max_concurrent=2, step_sleep=0.15)
+    path = _write(tmp_path, cfg)
+    sweep_dir = tmp_path / "res" / "killtrial"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def kill_after_first_checkpoint() -> None:
+        # as soon as the driver has recorded a checkpointed epoch of some trial, SIGKILL its process
+        while not stop.is_set():
+            for trial_id, _, pid in _pid_files(pid_dir):
+                trial_dir = sweep_dir / f"trial_{trial_id}"
+                if list(trial_dir.glob("checkpoint_*")) and len(_rows(trial_dir / "progress.csv")) >= 1:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append((trial_id, pid))
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri])
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert killed, "no trial was killed (did the trials checkpoint?)"
+    victim, victim_pid = killed[0]
+    assert rc == 0
+
+    # the killed trial ran again in a new process, starting from its checkpoint, not from step 0
+    runs = [(first, pid) for trial, first, pid in _pid_files(pid_dir) if trial == victim]
+    assert len(runs) == 2, runs
+    (first_a, pid_a), (first_b, pid_b) = runs
+    steps_per_epoch = 3  # 36 training images / batch_size 12
+    assert pid_a == victim_pid and pid_b != victim_pid
+    assert first_a == 0 and first_b >= steps_per_epoch and first_b % steps_per_epoch == 0, runs
+
+    # Tune: the iteration count and the epochs continue; nothing is reported twice, nothing missing
+    trial_dir = sweep_dir / f"trial_{victim}"
+    assert _iterations(trial_dir) == list(range(1, epochs + 1))
+    assert _epochs_reported(trial_dir) == list(range(1, epochs + 1))
+    assert [int(float(r["epoch"])) for r in _rows(trial_dir / "progress.csv")] == list(range(1, epochs + 1))
+
+    # every trial is kept and finished
+    results = load_results(sweep_dir)
+    assert len(results.table) == 2
+    assert set(results.table["status"]) == {"finished"}
+    assert (results.table["epochs"] == epochs).all()
+
+    # MLflow: one child per trial; the restarted trial continued its run (no duplicate, steps once each)
+    client, parents, children = _children(uri, "rel-killtrial")
+    assert len(parents) == 1 and len(children) == 2
+    by_trial = {c.data.tags["losstune.trial_id"]: c for c in children}
+    assert set(by_trial) == set(results.table["trial_id"])
+    run = by_trial[victim]
+    assert run.info.status == "FINISHED" and run.data.tags["losstune.status"] == "finished"
+    assert run.data.tags.get("losstune.restarts") == "1"
+    for metric in ("epoch", "composite", "loss"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+        assert steps == list(range(1, epochs + 1)), (metric, steps)
+
+    # Optuna: two complete trials, nothing failed
+    import optuna
+    study = optuna.load_study(study_name="killtrial", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+# ----- the driver killed mid-sweep, then --resume ----------------------------------------------------------
+def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
+    import optuna
+
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    n, epochs = 3, 3
+    cfg = _config("killdriver", pid_dir, epochs=epochs, num_samples=n, max_concurrent=2, step_sleep=0.15)
+    path = _write(tmp_path, cfg)
+    res, sweep_dir = tmp_path / "res", tmp_path / "res" / "killdriver"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _losstune() + ["sweep", str(path), "--results-dir", str(res), "--tracking-uri", uri]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    try:
+        def first_trial_done():
+            # a trial ended (the results dir says so); kill at once, whatever Tune/MLflow saved so far
+            return {t for t, e in _runs_file(sweep_dir).items() if e.get("status") == "finished"}
+
+        _wait(first_trial_done, 150, "a finished trial", proc, log)
+        # snapshot, then kill the driver (only the driver: its Ray processes share its fate)
+        completed = {t for t, e in _runs_file(sweep_dir).items() if e.get("status") == "finished"}
+        rows_before = {t: _iterations(sweep_dir / f"trial_{t}") for t in completed}
+        ray_procs = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    # no trial keeps training behind the resumed sweep's back: the trial processes share the driver's fate
+    trainers = [pid for _, _, pid in _pid_files(pid_dir)]
+    _wait(lambda: not any(_alive(pid) for pid in trainers), 15, "the trial processes to exit")
+    _reap(ray_procs, timeout=1)  # Ray's idle helpers (agents, starting workers) notice a little later
+    assert proc.returncode == -signal.SIGKILL
+    study = optuna.load_study(study_name="killdriver", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    before = {t.number: (t.params, t.state) for t in study.trials}
+    completed_numbers = {num for num, (_, state) in before.items() if state == optuna.trial.TrialState.COMPLETE}
+    assert completed_numbers and len(completed) >= 1
+    assert len(completed) < n  # the sweep was really cut short
+
+    # resume it
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                             timeout=240)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-6000:]
+    assert "resuming killdriver" in out
+
+    from search.trials import load_results
+    results = load_results(sweep_dir)
+    table = results.table
+    assert len(table) == n, table
+    assert set(table["status"]) <= {"finished"}, table[["trial_id", "status", "epochs"]]
+    assert (sweep_dir / "best.yaml").is_file()
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["status"] == "finished"
+    assert "backfilled_metrics" in info["tracking"]  # the resumed run checked MLflow against Ray's results
+
+    # no completed trial re-ran or re-reported: same rows, trained by exactly one process
+    for trial in completed:
+        assert _iterations(sweep_dir / f"trial_{trial}") == rows_before[trial] == list(range(1, epochs + 1))
+        assert len([1 for t, _, _ in _pid_files(pid_dir) if t == trial]) == 1, trial
+    # and no trial reported an epoch twice (the interrupted ones continued from their checkpoints)
+    for trial in table["trial_id"]:
+        assert _iterations(sweep_dir / f"trial_{trial}") == list(range(1, epochs + 1)), trial
+        assert _epochs_reported(sweep_dir / f"trial_{trial}") == list(range(1, epochs + 1)), trial
+
+    # MLflow: one parent (reused), exactly n children, each epoch logged once
+    client, parents, children = _children(uri, "rel-killdriver")
+    assert len(parents) == 1 and parents[0].info.run_id == info["parent_run_id"]
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == n, [c.data.tags.get("losstune.trial_id") for c in children]
+    assert {c.data.tags["losstune.trial_id"] for c in children} == set(table["trial_id"])
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["losstune.status"] == "finished"
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "composite"))
+        assert steps == list(range(1, epochs + 1)), (child.data.tags["losstune.trial_id"], steps)
+
+    # Optuna: the history from before the kill is still there, and the study is complete
+    study = optuna.load_study(study_name="killdriver", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    after = {t.number: (t.params, t.state) for t in study.trials}
+    for num in completed_numbers:
+        assert after[num] == before[num]
+    for num, (params, _) in before.items():
+        assert after[num][0] == params
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * n, \
+        [(t.number, t.state) for t in study.trials]
+
+
+def test_lost_tracking_writes_are_filled_in_from_rays_results(tmp_path):
+    """What a SIGKILLed driver had still queued for MLflow (here: the last epoch and the end of a
+    trial) is written by the next run of the sweep from the trial's Ray results, once."""
+    from mlflow.entities import Metric
+
+    from search.tracking import SweepTracker, backfill_runs, log_batch_chunked
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(uri, "backfill")
+    parent = tracker.start("bf", {}, {})
+    client = tracker.client
+    child = client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": parent,
+                                                           "losstune.trial_id": "t1"}).info.run_id
+    history = [{"training_iteration": i, "epoch": float(i), "composite": 0.1 * i, "node_ip": "127.0.0.1",
+                "timestamp": 1_700_000_000 + i} for i in (1, 2, 3)]
+    log_batch_chunked(client, child, metrics=[Metric(k, r[k], 0, r["training_iteration"])
+                                              for r in history[:2] for k in ("epoch", "composite")])
+    runs = {"t1": {"run_id": child, "status": "finished", "epochs": 3}}
+    counts = backfill_runs(uri, runs, {"t1": history})
+    assert counts == {"runs": 1, "metrics": 2, "statuses": 1}
+    assert sorted(m.step for m in client.get_metric_history(child, "composite")) == [1, 2, 3]
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.data.tags["losstune.status"] == "finished"
+    assert backfill_runs(uri, runs, {"t1": history}) == {"runs": 0, "metrics": 0, "statuses": 0}  # once
+
+
+# ----- NaN / inf loss ---------------------------------------------------------------------------------------
+def test_diverged_trial_gets_the_worst_score_and_the_sweep_goes_on(tmp_path, ray_local, clean_env):
+    import optuna
+
+    from search.cli import main
+    from search.trials import load_results
+    from trainables.loop import DIVERGED_SCORE
+
+    cfg = {
+        "name": "nan",
+        "train": {"task": "plugin_task:build_poisoned", "epochs": 2, "batch_size": 12, "device": "cpu",
+                  "amp": "off", "data": {"size": 16}},
+        # poison_step 2: the loss is NaN from the third step on (in epoch 1); 10**6: never
+        "space": {"data.poison_step": {"type": "choice", "values": [2, 1000000]},
+                  "lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+        # one at a time, the diverging one first: the sweep has to go on after it
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": 2, "max_concurrent": 1,
+                   "points_to_evaluate": [{"data.poison_step": 2}, {"data.poison_step": 1000000}]},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1},
+        "mlflow": {"experiment": "rel-nan"},
+    }
+    path = _write(tmp_path, cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri])
+    assert rc == 0
+    sweep_dir = tmp_path / "res" / "nan"
+    table = load_results(sweep_dir).table
+    assert len(table) == 2
+    diverged = table[table["status"] == "diverged"]
+    assert len(diverged) == 1, table
+    assert set(diverged["trial_id"]) == set(table[table["data.poison_step"] == 2]["trial_id"])
+    assert (diverged["composite"] == DIVERGED_SCORE).all() and (diverged["epochs"] == 1).all()
+    assert (table[table["status"] != "diverged"]["composite"] > DIVERGED_SCORE).all()
+    assert "finished" in set(table["status"])  # the sweep went on
+
+    # best.yaml is never a diverged trial
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["provenance"]["trial_id"] not in set(diverged["trial_id"])
+    assert best["data"]["poison_step"] == 1000000
+
+    # MLflow: status tag, FAILED run, the worst composite logged
+    client, _, children = _children(uri, "rel-nan")
+    by_trial = {c.data.tags["losstune.trial_id"]: c for c in children}
+    assert len(by_trial) == 2
+    for trial_id in diverged["trial_id"]:
+        run = by_trial[trial_id]
+        assert run.data.tags["losstune.status"] == "diverged" and run.info.status == "FAILED"
+        assert run.data.metrics["composite"] == DIVERGED_SCORE and run.data.metrics["diverged"] == 1.0
+
+    # Optuna is told, deliberately as COMPLETE with the worst value (DIVERGED_SCORE = -1.0 is the
+    # composite's lower bound), so TPE learns to avoid the region; a FAIL would be ignored by TPE.
+    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.trials) == 2
+    poisoned_trials = [t for t in study.trials if t.params["data.poison_step"] == 2]
+    assert poisoned_trials
+    for t in poisoned_trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.value == DIVERGED_SCORE
+    assert study.best_trial.params["data.poison_step"] == 1000000
+
+
+# ----- the MLflow server dies mid-sweep; credentials; listeners ---------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_mlflow_server(tmp_path: Path) -> tuple[subprocess.Popen, str, Path]:
+    port = _free_port()
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    mlflow_exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_exe), "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1", "--artifacts-destination", str(tmp_path / "server" / "artifacts")]
+    env = _env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log = open(tmp_path / "server" / "server.log", "w")
+    # its own session: the server and its worker processes are killed together (its process group)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path / "server",
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    _wait(healthy, 90, "the MLflow server", proc, tmp_path / "server" / "server.log")
+    return proc, uri, db
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def _listeners(processes: list) -> list[tuple[int, str, str, int]]:
+    import psutil
+    out = []
+    for p in processes:
+        try:
+            cmd = " ".join(p.cmdline()[:2])  # the program (and the script of a python process)
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((p.pid, cmd, c.laddr.ip, c.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def test_tracking_server_dies_mid_sweep_and_credentials_stay_secret(tmp_path):
+    import secrets
+
+    secret = "pw-" + secrets.token_hex(12)
+    server, uri, server_db = _start_mlflow_server(tmp_path)
+    try:
+        pid_dir = tmp_path / "pids"
+        pid_dir.mkdir()
+        n, epochs = 2, 3
+        cfg = _config("srvdies", pid_dir, epochs=epochs, num_samples=n, max_concurrent=2, step_sleep=0.25)
+        path = _write(tmp_path, cfg)
+        res, sweep_dir = tmp_path / "res", tmp_path / "res" / "srvdies"
+        env = _env(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=secret,
+                   MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3",
+                   LOSSTUNE_MLFLOW_FLUSH_TIMEOUT="3")
+        log = tmp_path / "sweep.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(_losstune() + ["sweep", str(path), "--results-dir", str(res),
+                                                   "--tracking-uri", uri],
+                                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            def first_result_logged():
+                return any(e.get("run_id") and int(e.get("epochs") or 0) >= 1
+                           for e in _runs_file(sweep_dir).values())
+
+            _wait(first_result_logged, 150, "the first trial result in MLflow", proc, log)
+            # while Ray runs: no dashboard is listening anywhere (a local sweep starts none)
+            listening = _listeners(_descendants(proc.pid))
+            assert not [x for x in listening if "dashboard" in x[1].lower()], listening
+            assert not [x for x in listening if x[3] == 8265], listening
+            _stop(server)  # the tracking server dies mid-sweep
+            proc.wait(240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        output = log.read_text()
+        assert proc.returncode == 0, output[-6000:]
+    finally:
+        _stop(server)
+
+    # every trial completed, and Ray's results are complete
+    from search.cli import main
+    from search.trials import load_results
+    table = load_results(sweep_dir).table
+    assert len(table) == n and set(table["status"]) == {"finished"}, table
+    for trial in table["trial_id"]:
+        assert _iterations(sweep_dir / f"trial_{trial}") == list(range(1, epochs + 1))
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["status"] == "finished"
+    assert info["tracking"]["errors"] >= 1, info["tracking"]  # it did notice the dead server
+    assert "MLflow" in output and "warning" in output.lower()
+
+    # export works from Ray's results alone
+    (sweep_dir / "best.yaml").unlink(missing_ok=True)
+    assert main(["export", str(sweep_dir)]) == 0
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["provenance"]["trial_id"] in set(table["trial_id"])
+
+    # what reached MLflow before the server died is there (read its store directly)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{server_db}")
+    exp = client.get_experiment_by_name("rel-srvdies")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert any(r.data.tags.get("losstune.kind") == "sweep" for r in runs)
+    assert any(r.data.metrics for r in runs if r.data.tags.get("losstune.trial_id"))
+
+    # the password: only in the environment; in no output, param, tag, artifact or file
+    assert secret not in output
+    for run in runs:
+        values = list(run.data.params.values()) + list(run.data.tags.values()) + [run.info.run_name or ""]
+        assert not any(secret in str(v) for v in values), run.info.run_id
+    for file in tmp_path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            assert secret.encode() not in file.read_bytes(), file
