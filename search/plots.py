@@ -97,7 +97,7 @@ def save_trial_artifacts(directory: str | Path, trainer, n: int = NUM_SAMPLES, t
                         **{k: v.astype(np.float16) for k, v in arrays.items()})
     png = directory / PREDICTIONS_PNG
     label = title or f"{trainer.config.task}, epoch {trainer.epoch}"
-    prediction_grid(arrays, title=label).save(png, optimize=True)
+    prediction_grid(arrays, title=label).save(png, compress_level=1)  # fast: written every epoch
     cfg = directory / TRIAL_CONFIG
     cfg.write_text(yaml.safe_dump(trainer.config.model_dump(), sort_keys=False, default_flow_style=None))
     return {"npz": npz, "png": png, "config": cfg}

@@ -18,6 +18,7 @@ running several Ray nodes, a local path works.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
@@ -139,12 +140,13 @@ def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     """Connect to (``address`` / config / $RAY_ADDRESS) or start a local Ray; True if we started it."""
     import ray
     address = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        probe_address(address)  # a dead address is an input error, whatever runs in this process
     if ray.is_initialized():  # API use inside a process that already runs Ray: use that one
         if address and address != "local":
             logger.warning("Ray is already initialised in this process; address %s is not used", address)
         return False
     if address and address != "local":
-        probe_address(address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         ray.init(num_cpus=sweep.file.ray.num_cpus, num_gpus=sweep.file.ray.num_gpus, include_dashboard=False,
@@ -430,6 +432,8 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
          flush_timeout: float | None, out: Callable[[str], None]):
     from ray import tune
 
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     from search.trainable import make_trainable
 
     res = sweep.resources
@@ -457,22 +461,42 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
         tune_config = tune.TuneConfig(
             search_alg=make_searcher(sweep, storage_url), scheduler=make_scheduler(sweep),
             num_samples=sweep.search.num_samples, metric=metric if single else None,
-            mode=mode if single else None, trial_dirname_creator=trial_dirname)
+            mode=mode if single else None, trial_dirname_creator=trial_dirname,
+            # one worker process per concurrent slot, not per trial: starting a process and importing
+            # torch costs ~1-3 s, as much as a short trial trains (benchmarks/overhead.py)
+            reuse_actors=True)
         run_config = tune.RunConfig(
             name=sweep.name, storage_path=sweep.storage_path,
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[callback, ProgressCallback(sweep.epochs, decoder(sweep), sweep.search.num_samples),
-                       *_status_line(sweep)],
+                       *_status_line(sweep), CSVLoggerCallback(), JsonLoggerCallback()],
             verbose=0)
         tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
     out(f"[losstune] sweep {sweep.name}: {sweep.search.num_samples} trials x {sweep.epochs} epochs, "
         f"{sweep.search.sampler} sampler, {sweep.scheduler.type} scheduler, objective {sweep.objective.type}; "
         f"results in {sweep_dir}")
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    with _no_tensorboard_logger():
+        grid = tuner.fit()
     out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")
     return grid, callback
+
+
+@contextlib.contextmanager
+def _no_tensorboard_logger():
+    """Tune adds CSV, JSON and TensorBoard loggers unless told not to; losstune passes the two it reads
+    (progress.csv, result.json) itself, and the TensorBoard one would only cost driver CPU."""
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _status_line(sweep: Sweep) -> list:
