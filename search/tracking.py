@@ -179,7 +179,9 @@ def get_or_create_experiment(client, name: str, uri: str) -> str:
     if path is not None:  # keep artifacts beside the database, not in ./mlruns of whatever the CWD is
         location = (path.parent / "mlartifacts").resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # the kind tag makes MLflow 3's UI open the experiment in its model-training view (runs, charts)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # noqa: BLE001 - created concurrently by someone else
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -623,7 +625,8 @@ class TrackingCallback(tune.Callback):
                     entry["status"] = "interrupted"
 
     def _pending(self) -> bool:
-        return any(s.metrics or s.tags or s.end or s.images or s.files or (s.started and s.run_id is None)
+        # state.files alone is not pending: they are written when the trial ends (state.end)
+        return any(s.metrics or s.tags or s.end or s.images or (s.started and s.run_id is None)
                    for s in self._trials.values())
 
     def _save_runs_file(self) -> None:
@@ -673,15 +676,16 @@ class TrackingCallback(tune.Callback):
                                   tags=[RunTag(k, v) for k, v in state.tags.items()])
                 self.num_batches += 1
                 state.metrics, state.tags = [], {}
-            if state.images or state.files:
-                self._log_artifacts(client, state)
+            if state.images or (state.files and state.end):
+                # the image series every epoch; the newest predictions.png / config.yaml once, when the trial ends
+                self._log_artifacts(client, state, files=bool(state.end))
             if state.end:
                 client.set_tag(state.run_id, "losstune.status", state.end)
                 client.set_terminated(state.run_id, status=RUN_STATUS.get(state.end, "FINISHED"))
                 state.end = None
                 state.started = False
 
-    def _log_artifacts(self, client, state: _TrialState) -> None:
+    def _log_artifacts(self, client, state: _TrialState, files: bool = True) -> None:
         import io
         import tempfile
         while state.images:
@@ -694,6 +698,8 @@ class TrackingCallback(tune.Callback):
             except (ImportError, OSError, ValueError) as err:  # an unreadable image: skip it, not the run
                 logger.warning("trial %s: predictions image of step %s not logged: %s", state.trial_id, step, err)
             state.images.pop(0)
+        if not files:
+            return
         files = dict(state.files)
         if state.config_logged:
             files.pop("config.yaml", None)
