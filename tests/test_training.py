@@ -94,3 +94,14 @@ def test_cpu_threads_and_device_resolution():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_unquoted_yaml_amp_off_means_off():
+    import yaml
+
+    from trainables.config import TrainConfig
+
+    raw = yaml.safe_load("task: microstructure\namp: off\n")
+    assert raw["amp"] is False  # YAML 1.1 reads it as a boolean
+    assert TrainConfig(**raw).amp == "off"
+    assert TrainConfig(**yaml.safe_load("task: microstructure\namp: on\n")).amp == "auto"

@@ -53,6 +53,12 @@ class TrainConfig(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_yaml_bool(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `amp: off` / `amp: on` as a boolean
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_shorthand(cls, v: Any) -> Any:
