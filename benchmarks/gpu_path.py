@@ -1,0 +1,158 @@
+"""GPU path: AMP on/off, and aggregate throughput with 1, 2 and 4 trials packed on one GPU.
+
+Runs only where CUDA is present; elsewhere it prints "skipped: no CUDA" and writes a JSON saying so.
+
+* AMP: ``trainables.loop.Trainer`` on the microstructure task (64 px, ConvLSTM [16, 32, 64]) on
+  ``cuda`` with ``amp: off`` (fp32), ``bf16`` (when supported) and ``fp16`` (loss scaling); median
+  epoch time after a warm-up epoch, train samples/s, and the ratio to fp32.
+* packing: a real losstune sweep (``search.runner.run_sweep``, FIFO, MLflow off) with ``resources.gpu``
+  = 1/k and ``max_concurrent`` = k for k = 1, 2, 4 (2·k trials each, so every slot runs two); aggregate
+  train samples/s = (samples trained by all trials) ÷ (Tune's wall time), and from the epoch times
+  (k × samples per epoch ÷ median epoch time).
+
+``--cpu-dry-run`` runs the same code on the CPU at a tiny size (``gpu: 0``) to check it works; its
+numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+
+NAME = "gpu_path"
+
+
+def train_config(device: str, amp: str, quick: bool, dry: bool) -> dict[str, Any]:
+    small = quick or dry
+    return {"task": "microstructure", "seed": 0, "epochs": 50, "batch_size": 8, "lr": 1.0e-3, "device": device,
+            "amp": amp, "preload": True, "gradient_weight": 0.1, "perceptual_weight": 0.05,
+            "solidification_weighting": True,
+            "data": ({"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2} if small
+                     else {"size": 64, "num_sequences": 16, "frames": 12, "seq_length": 4}),
+            "model": {"hidden_channels": [4, 8] if small else [16, 32, 64]}}
+
+
+def measure_amp(device: str, quick: bool, dry: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from trainables.loop import Trainer
+
+    modes = ["off", "bf16", "fp16"]
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        modes.remove("bf16")
+    epochs = 2 if (quick or dry) else 6
+    out = []
+    for amp in modes:
+        trainer = Trainer(train_config(device, amp, quick, dry))
+        trainer.run_epoch()  # warm-up (cuDNN autotuning, allocator)
+        times, evals = [], []
+        for _ in range(epochs):
+            m = trainer.run_epoch().metrics
+            times.append(m["epoch_time_s"] - m["eval_time_s"])
+            evals.append(m["eval_time_s"])
+        train_s = common.median(times)
+        out.append({"amp": amp, "dtype": str(trainer.amp_dtype), "train_s_per_epoch": train_s,
+                    "eval_s_per_epoch": common.median(evals), "samples_per_s": trainer.task.num_train / train_s,
+                    "composite": trainer.history[-1].get("composite")})
+        del trainer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    base = out[0]["train_s_per_epoch"]
+    for r in out:
+        r["speedup_vs_fp32"] = base / r["train_s_per_epoch"]
+    return out
+
+
+def measure_packing(device: str, quick: bool, dry: bool, tmp: Path) -> list[dict[str, Any]]:
+    import ray
+
+    from search.config import validate_sweep
+    from search.runner import run_sweep
+    from search.trials import load_results
+    from trainables.config import parse_train_config
+    from trainables.registry import get_task_factory
+
+    out = []
+    for k in (1, 2) if (quick or dry) else (1, 2, 4):
+        train = train_config(device, "auto", quick, dry)
+        train["epochs"] = 2 if (quick or dry) else 4
+        raw = {"name": f"pack{k}", "train": train,
+               "space": {"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.3}},
+               "search": {"sampler": "random", "seed": 0, "num_samples": 2 * k, "max_concurrent": k},
+               "scheduler": {"type": "fifo"}, "objective": {"type": "composite"},
+               "resources": {"cpu": 1, "gpu": 0 if device == "cpu" else 1.0 / k},
+               "mlflow": {"enabled": False}, "results_dir": str(tmp)}
+        sweep = validate_sweep(raw, source=f"<gpu_path k={k}>", overrides={"results_dir": str(tmp)})
+        log = io.StringIO()
+        ray.init(num_cpus=max(k, 2), include_dashboard=False, logging_level="WARNING")
+        try:
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(log):
+                outcome = run_sweep(sweep, out=lambda s: log.write(s + "\n"))
+            wall = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+        results = load_results(outcome.sweep_dir)
+        rows = [r for h in results.histories.values() for r in h]
+        epoch_times = [float(r.get("epoch_time_s", 0)) - float(r.get("eval_time_s", 0)) for r in rows]
+        n_train = get_task_factory("microstructure")(parse_train_config(train)).num_train  # same for every trial
+        samples = n_train * len(rows)
+        med = common.median(epoch_times)
+        out.append({"trials_per_gpu": k, "trials": len(results.histories), "epochs_total": len(rows),
+                    "status": outcome.status, "wall_s": wall, "samples_per_s_wall": samples / wall,
+                    "median_train_s_per_epoch": med, "samples_per_s_epochs": k * n_train / med})
+    base_w, base_e = out[0]["samples_per_s_wall"], out[0]["samples_per_s_epochs"]
+    for r in out:
+        r["gain_wall"] = r["samples_per_s_wall"] / base_w
+        r["gain_epochs"] = r["samples_per_s_epochs"] / base_e
+    return out
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = common.parse_args(__doc__.splitlines()[0], argv, extra=[
+        (("--cpu-dry-run",), {"action": "store_true", "help": "run the code on the CPU (tiny; checks it works)"})])
+    started = time.perf_counter()
+    common.ensure_repo_on_path()
+    import torch
+
+    os.environ.setdefault("LOSSTUNE_PROGRESS_INTERVAL", "0")
+    if not torch.cuda.is_available() and not args.cpu_dry_run:
+        print("\nGPU path: skipped: no CUDA")
+        path = common.write_result(NAME, args.out, quick=args.quick, settings={}, started=started,
+                                   results={"skipped": True, "reason": "no CUDA"}, goals=[],
+                                   table_text="skipped: no CUDA")
+        print(f"wrote {path}")
+        return {"skipped": True}
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"
+    if device == "cpu":
+        common.set_single_thread()
+    amp = measure_amp(device, args.quick, args.cpu_dry_run)
+    with tempfile.TemporaryDirectory(prefix="losstune-bench-gpu-") as tmpdir:
+        packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir))
+    t1 = common.table(["amp", "autocast dtype", "train s/epoch", "samples/s", "speed-up vs fp32", "eval s/epoch"],
+                      [[r["amp"], r["dtype"], r["train_s_per_epoch"], r["samples_per_s"], r["speedup_vs_fp32"],
+                        r["eval_s_per_epoch"]] for r in amp])
+    t2 = common.table(["trials per GPU", "trials", "sweep wall s", "samples/s (wall)", "gain", "samples/s (epochs)",
+                       "gain"],
+                      [[r["trials_per_gpu"], r["trials"], r["wall_s"], r["samples_per_s_wall"], r["gain_wall"],
+                        r["samples_per_s_epochs"], r["gain_epochs"]] for r in packing])
+    print(f"\nGPU path on {device}{' (CPU DRY RUN: numbers mean nothing)' if device == 'cpu' else ''}"
+          f"{' (QUICK)' if args.quick else ''}")
+    print(t1)
+    print(t2)
+    path = common.write_result(NAME, args.out, quick=args.quick, settings={"device": device, "dry_run": args.cpu_dry_run},
+                               results={"skipped": False, "device": device, "amp": amp, "packing": packing},
+                               goals=[], table_text=t1 + "\n" + t2, started=started)
+    print(f"wrote {path}")
+    return {"amp": amp, "packing": packing}
+
+
+if __name__ == "__main__":
+    main()

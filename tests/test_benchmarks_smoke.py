@@ -1,0 +1,46 @@
+"""The benchmarks are not part of the test run; this only checks that the cheapest one still runs.
+
+``python -m benchmarks.loop_throughput --quick`` (a few tiny microstructure epochs, no Ray, no MLflow)
+must write its JSON with the expected keys and finite numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_loop_throughput_quick_writes_json(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.loop_throughput", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "train-phase ratio" in proc.stdout
+
+    data = json.loads((tmp_path / "loop_throughput.json").read_text())
+    assert {"benchmark", "mode", "timestamp", "git_rev", "machine", "settings", "results", "goals", "table",
+            "command", "duration_s"} <= set(data)
+    assert data["benchmark"] == "loop_throughput" and data["mode"] == "quick"
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["torch"]
+
+    res = data["results"]
+    for key in ("train_phase_ratio", "epoch_ratio_incl_validation", "metrics_share", "eval_share"):
+        assert _finite(res[key]) and res[key] > 0, (key, res[key])
+    assert res["metrics_share"] < 1 and res["eval_share"] < 1
+    for key in ("trainer_wall_s", "trainer_train_s", "trainer_eval_s", "trainer_metrics_s", "plain_train_s",
+                "plain_val_s"):
+        assert _finite(res["median"][key]) and res["median"][key] >= 0, key
+    assert res["epochs_measured"] >= 1
+
+    assert [g["goal"] for g in data["goals"]] == ["Trainer train phase ÷ plain loop",
+                                                 "metric evaluation share of an epoch"]
+    for g in data["goals"]:
+        assert _finite(g["value"]) and _finite(g["limit"]) and g["met"] in (True, False)
