@@ -577,3 +577,17 @@ def _print_summary(results: SweepResults, exported: list[Path], out: Callable[[s
         out(f"[losstune] best config: {exported[0]}\n"
             f"[losstune] train it:    losstune train {exported[0]} --epochs N")
     out(f"[losstune] all trials:  losstune trials {results.sweep_dir}")
+    out(f"[losstune] report:      losstune report {results.sweep_dir}")
+    uri = results.info.get("tracking_uri")
+    if uri:
+        out(f"[losstune] compare them in MLflow: mlflow ui --backend-store-uri {_ui_uri(uri)}"
+            if uri.startswith("sqlite:") else f"[losstune] compare them in MLflow: {uri}")
+
+
+def _ui_uri(uri: str) -> str:
+    """The sqlite URI as the user would type it: relative to the working directory where it lies below it."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        return f"sqlite:///{path.resolve().relative_to(Path.cwd().resolve())}"
+    except ValueError:
+        return uri
