@@ -11,13 +11,7 @@ from losses import (PerceptualLoss, WeightedLoss, charbonnier_loss, diffusion_lo
                     solidification_weights)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and avoids oversubscription on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----- helpers -------------------------------------------------------------------------------------

@@ -11,13 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from losses import metrics as M
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and avoids oversubscription on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPES = [(16, 16), (17, 23), (64, 48)]
 METRICS = ["ssim", "mse", "psnr", "gradient_match", "sharpness_ratio", "histogram_distance"]

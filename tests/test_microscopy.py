@@ -14,13 +14,7 @@ from trainables.models.ddpm import ConditionalDDPM, ddim_timesteps, make_betas, 
 from trainables.models.unet import UNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far steadier on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mean_gradient(x: torch.Tensor) -> float:

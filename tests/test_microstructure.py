@@ -17,13 +17,7 @@ TINY_DATA = {"size": 32, "num_sequences": 4, "frames": 7, "seq_length": 3}
 TINY_MODEL = {"hidden_channels": [8, 16]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is faster than two and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
