@@ -349,7 +349,7 @@ class _Builder:
             sec.notes.append("Nothing to plot (no ranked trial or no searched parameter).")
             return
         specs = self.results.sweep.params if self.results.sweep is not None else {}
-        log = [p for p, s in specs.items() if type(s).__name__ == "LogUniformParam" or getattr(s, "log", False)]
+        log = [p for p, s in specs.items() if getattr(s, "log", False)]
         highlight = {}
         if self.mse_id:
             highlight[self.mse_id] = "MSE-only"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
 
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -62,10 +62,25 @@ class _Param(BaseModel):
         raise NotImplementedError
 
 
-class UniformParam(_Param):
-    type: Literal["uniform"]
+class _FloatRange(_Param):
+    """What ``uniform`` and ``loguniform`` share: a closed float range [low, high]."""
+    log: ClassVar[bool] = False  # sampled on a log scale (as IntParam.log)
     low: float
     high: float
+
+    def decode(self, value: Any) -> float:
+        return float(value)
+
+    def extremes(self) -> list[float]:
+        return [self.low, self.high]
+
+    def contains(self, value: Any) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and self.low <= value <= self.high)
+
+
+class UniformParam(_FloatRange):
+    type: Literal["uniform"]
     step: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -77,30 +92,19 @@ class UniformParam(_Param):
     def distribution(self):
         return optuna.distributions.FloatDistribution(self.low, self.high, step=self.step)
 
-    def decode(self, value: Any) -> float:
-        return float(value)
-
     def midpoint(self) -> float:
         mid = (self.low + self.high) / 2
         if self.step:
             mid = self.low + round((mid - self.low) / self.step) * self.step
         return min(mid, self.high)
 
-    def extremes(self) -> list[float]:
-        return [self.low, self.high]
-
     def describe(self) -> str:
         return f"uniform[{self.low:g}, {self.high:g}]" + (f" step {self.step:g}" if self.step else "")
 
-    def contains(self, value: Any) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and self.low <= value <= self.high)
 
-
-class LogUniformParam(_Param):
+class LogUniformParam(_FloatRange):
+    log: ClassVar[bool] = True
     type: Literal["loguniform"]
-    low: float
-    high: float
 
     @model_validator(mode="after")
     def _check(self) -> "LogUniformParam":
@@ -113,21 +117,11 @@ class LogUniformParam(_Param):
     def distribution(self):
         return optuna.distributions.FloatDistribution(self.low, self.high, log=True)
 
-    def decode(self, value: Any) -> float:
-        return float(value)
-
     def midpoint(self) -> float:
         return math.sqrt(self.low * self.high)
 
-    def extremes(self) -> list[float]:
-        return [self.low, self.high]
-
     def describe(self) -> str:
         return f"loguniform[{self.low:g}, {self.high:g}]"
-
-    def contains(self, value: Any) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and self.low <= value <= self.high)
 
 
 class IntParam(_Param):
