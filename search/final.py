@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from search.config import SweepConfigError, check_tracking_uri, read_yaml, resolve_tracking_uri
-from search.tracking import TrackingUnavailable, check_tracking, flatten, log_batch_chunked, param_value
+from search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
+                             param_value)
 from trainables.config import ConfigError, TrainConfig, parse_train_config
 
 
@@ -120,7 +121,7 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
     except BaseException:
         bar.close()
         if client is not None:
-            _quiet(lambda: client.set_terminated(run_id, status="FAILED"), echo)
+            best_effort(lambda: client.set_terminated(run_id, status="FAILED"), echo)
         raise
     bar.close()
 
@@ -140,17 +141,9 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
             client.log_artifact(run_id, str(model_path))
             client.set_tag(run_id, "losstune.status", result.status)
             client.set_terminated(run_id, status="FINISHED" if result.status != "diverged" else "FAILED")
-        _quiet(finish, echo)
+        best_effort(finish, echo)
     return FinalOutcome(result.status, out_dir, model_path, config_path,
                         {k: v for k, v in result.metrics.items()}, run_id, history)
-
-
-def _quiet(fn: Callable[[], Any], echo: Callable[[str], None]) -> Any:
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 - tracking must not lose a trained model
-        echo(f"[losstune] warning: MLflow: {type(err).__name__}: {err}")
-        return None
 
 
 def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mapping[str, Any], path: Path,
@@ -191,4 +184,4 @@ def _log_epoch(client, run_id: str, epoch: int, metrics: Mapping[str, Any], echo
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, int(epoch)) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isinf(v))]
-    _quiet(lambda: log_batch_chunked(client, run_id, metrics=batch), echo)
+    best_effort(lambda: log_batch_chunked(client, run_id, metrics=batch), echo)

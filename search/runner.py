@@ -36,7 +36,7 @@ import yaml
 from search import space as sp
 from search.config import Sweep, SweepConfigError, load_sweep
 from search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
-                             backfill_runs, check_tracking, flatten, set_retry_defaults, write_json_atomic)
+                             backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
 from search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
     write_reports
 
@@ -140,14 +140,15 @@ def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     """Connect to (``address`` / config / $RAY_ADDRESS) or start a local Ray; True if we started it."""
     import ray
     address = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
-        probe_address(address)  # a dead address is an input error, whatever runs in this process
+    remote = address if address and address != "local" else None
+    if remote:
+        probe_address(remote)  # a dead address is an input error, whatever runs in this process
     if ray.is_initialized():  # API use inside a process that already runs Ray: use that one
-        if address and address != "local":
-            logger.warning("Ray is already initialised in this process; address %s is not used", address)
+        if remote:
+            logger.warning("Ray is already initialised in this process; address %s is not used", remote)
         return False
-    if address and address != "local":
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    if remote:
+        ray.init(address=remote, logging_level=logging.WARNING, log_to_driver=True)
     else:
         ray.init(num_cpus=sweep.file.ray.num_cpus, num_gpus=sweep.file.ray.num_gpus, include_dashboard=False,
                  logging_level=logging.WARNING)
@@ -373,7 +374,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
         if callback is not None:
             callback.close(timeout=10)
         if tracker is not None:
-            _safe(lambda: tracker.finish("FAILED"), out)
+            best_effort(lambda: tracker.finish("FAILED"), out)
         raise SweepRuntimeError(f"the sweep failed: {type(err).__name__}: {err}") from err
 
     callback = callback or TrackingCallback.for_sweep(sweep_dir)
@@ -398,7 +399,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
     results = _safe_results(sweep_dir)
     if resume and uri and callback is not None and results is not None:
         # a SIGKILLed driver may have lost its last queued MLflow writes: fill them in from Ray's results
-        counts = _safe(lambda: backfill_runs(uri, callback.runs(), results.histories), out)
+        counts = best_effort(lambda: backfill_runs(uri, callback.runs(), results.histories), out)
         if counts is not None:
             stats["backfilled_metrics"] = counts["metrics"]
             if counts["metrics"] or counts["statuses"]:
@@ -420,7 +421,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
     info["tracking"] = {k: v for k, v in stats.items()}
     _write_info(sweep_dir, info)
     if tracker is not None:
-        _safe(lambda: _finish_parent(tracker, results, outcome, status), out)
+        best_effort(lambda: _finish_parent(tracker, results, outcome, status), out)
     if status == "interrupted":
         out(f"[losstune] the sweep did not finish ({n_ended}/{sweep.search.num_samples} trials ended); "
             f"continue it with: losstune sweep {sweep.source or SWEEP_CONFIG} --name {sweep.name} "
@@ -517,14 +518,6 @@ def _flush_timeout(value: float | None) -> float:
         return float(os.environ.get("LOSSTUNE_MLFLOW_FLUSH_TIMEOUT", "30"))
     except ValueError:
         return 30.0
-
-
-def _safe(fn: Callable[[], Any], out: Callable[[str], None]) -> Any:
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 - tracking must not fail a finished sweep
-        out(f"[losstune] warning: MLflow: {type(err).__name__}: {err}")
-        return None
 
 
 def _safe_results(sweep_dir: Path) -> SweepResults | None:

@@ -29,7 +29,7 @@ import urllib.request
 import weakref
 from base64 import b64encode
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from ray import tune
 
@@ -166,6 +166,15 @@ def set_retry_defaults() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one "View run" line per trial
+
+
+def best_effort(fn: Callable[[], Any], echo: Callable[[str], None]) -> Any:
+    """``fn()``, or None with a warning: a tracking call that must not fail a finished sweep or training."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - MLflow is a mirror of the results, never their owner
+        echo(f"[losstune] warning: MLflow: {type(err).__name__}: {err}")
+        return None
 
 
 def get_or_create_experiment(client, name: str, uri: str) -> str:
@@ -676,18 +685,19 @@ class TrackingCallback(tune.Callback):
                                   tags=[RunTag(k, v) for k, v in state.tags.items()])
                 self.num_batches += 1
                 state.metrics, state.tags = [], {}
-            if state.images or (state.files and state.end):
-                # the image series every epoch; the newest predictions.png / config.yaml once, when the trial ends
-                self._log_artifacts(client, state, files=bool(state.end))
+            # the image series every epoch; the newest predictions.png / config.yaml once, when the trial ends
+            if state.images:
+                self._log_images(client, state)
+            if state.files and state.end:
+                self._log_files(client, state)
             if state.end:
                 client.set_tag(state.run_id, "losstune.status", state.end)
                 client.set_terminated(state.run_id, status=RUN_STATUS.get(state.end, "FINISHED"))
                 state.end = None
                 state.started = False
 
-    def _log_artifacts(self, client, state: _TrialState, files: bool = True) -> None:
+    def _log_images(self, client, state: _TrialState) -> None:
         import io
-        import tempfile
         while state.images:
             step, png = state.images[0]
             try:
@@ -698,8 +708,9 @@ class TrackingCallback(tune.Callback):
             except (ImportError, OSError, ValueError) as err:  # an unreadable image: skip it, not the run
                 logger.warning("trial %s: predictions image of step %s not logged: %s", state.trial_id, step, err)
             state.images.pop(0)
-        if not files:
-            return
+
+    def _log_files(self, client, state: _TrialState) -> None:
+        import tempfile
         files = dict(state.files)
         if state.config_logged:
             files.pop("config.yaml", None)
