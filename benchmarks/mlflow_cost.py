@@ -9,8 +9,9 @@ epochs (interleaved, epoch by epoch), then they complete. Both write to the same
   also all hooks (start + results + complete [+ checkpoint]) ÷ results.
 * end-to-end per result: from the first hook call until every result is in the store (losstune:
   until ``close()`` has flushed its background writer; Ray's callback writes synchronously) ÷ results.
-* "losstune + artifacts" also feeds ``on_checkpoint`` with each epoch's ``predictions.png`` and
-  ``config.yaml`` as real trials do (logged as an MLflow image series + files).
+* "losstune + artifacts" also feeds ``on_checkpoint`` with each epoch's ``predictions.png``, its
+  ``predictions.webp`` thumbnail and ``config.yaml`` as real trials do (logged as an MLflow image series
+  + files).
 
 The store is then read back to check every metric value arrived.
 """
@@ -61,10 +62,11 @@ def make_result(trial: FakeTrial, epoch: int, rng: random.Random) -> dict[str, A
 
 
 def _artifact_dir(root: Path) -> Path:
-    """A checkpoint-like folder with a real predictions.png grid and config.yaml (as trials write them)."""
+    """A checkpoint-like folder with a real predictions.png grid, its thumbnail and config.yaml (as trials write
+    them in ``search.plots.save_trial_artifacts``)."""
     import numpy as np
 
-    from search.plots import prediction_grid
+    from search.plots import PREDICTIONS_THUMB, prediction_grid, save_thumbnail
     root.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(0)
     arrays = {k: g.random((4, 3, 32, 32), dtype=np.float32) for k in ("input", "baseline", "prediction", "target")}
@@ -72,6 +74,7 @@ def _artifact_dir(root: Path) -> Path:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     (root / "predictions.png").write_bytes(buf.getvalue())
+    save_thumbnail(image, root / PREDICTIONS_THUMB)
     (root / "config.yaml").write_text("task: microstructure\nepochs: 20\ngradient_weight: 0.1\n")
     return root
 

@@ -103,8 +103,18 @@ def test_child_runs_carry_predictions_png_and_config(smoke):
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"predictions.png", "config.yaml", "images"} <= names, names
         images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
-        assert any(p.startswith("images/predictions+step+") and p.endswith(".png") for p in images), images
-        assert child.data.tags.get("mlflow.loggedImages")
+        # MLflow's image-series layout: one PNG + one WebP thumbnail per reported epoch, steps 1..epochs
+        pngs = sorted(p for p in images if p.endswith(".png"))
+        steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs)
+        epochs = len(client.get_metric_history(child.info.run_id, "composite"))
+        assert steps == list(range(1, epochs + 1)), images
+        assert all(p.startswith("images/predictions+step+") for p in pngs), images
+        assert {p[:-4] + "+compressed.webp" for p in pngs} == {p for p in images if p.endswith(".webp")}, images
+        assert child.data.tags.get("mlflow.loggedImages") == "True"
+        thumb = Path(client.download_artifacts(child.info.run_id, pngs[-1][:-4] + "+compressed.webp",
+                                               str(smoke.tmp / child.info.run_id)))
+        with Image.open(thumb) as image:
+            assert image.format == "WEBP" and max(image.size) == plots.THUMB_SIZE
         local = Path(client.download_artifacts(child.info.run_id, "config.yaml", str(smoke.tmp / child.info.run_id)))
         cfg = yaml.safe_load(local.read_text())
         assert float(cfg["gradient_weight"]) == pytest.approx(float(child.data.params["gradient_weight"]))

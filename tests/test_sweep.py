@@ -252,6 +252,58 @@ def test_tracking_callback_resume_reuses_runs(tmp_path, mlflow_uri, mlflow_runs)
     assert {k: v["status"] for k, v in statuses.items()} == {"aaa": "finished", "bbb": "finished"}
 
 
+def test_tracking_callback_logs_the_image_series_as_mlflow_does(tmp_path, mlflow_uri, mlflow_runs):
+    """Per epoch: the trial's PNG as it is + a WebP thumbnail (the trial's, else made from the PNG), named as
+    MlflowClient.log_image(key="predictions", step=...) names them, and the loggedImages tag."""
+    import io
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from search import plots
+    from search.tracking import SweepTracker, TrackingCallback
+
+    tracker = SweepTracker(mlflow_uri, "imgtest")
+    parent = tracker.start("img", {}, {})
+    cb = TrackingCallback(tmp_path, mlflow_uri, tracker.experiment_id, parent, max_epochs=2, flush_interval=0.05)
+    cb.setup()
+    grid = Image.new("RGB", (300, 120), "white")
+    pngs = {}
+    for name, with_thumb in (("thumbed", True), ("plain", False)):
+        trial = _FakeTrial(name, {"w": 0.1})
+        cb.on_trial_start(0, [trial], trial)
+        for epoch in (1, 2):
+            ckpt = tmp_path / f"{name}{epoch}"
+            ckpt.mkdir()
+            grid.save(ckpt / plots.PREDICTIONS_PNG, compress_level=1)
+            pngs[(name, epoch)] = (ckpt / plots.PREDICTIONS_PNG).read_bytes()
+            if with_thumb:
+                plots.save_thumbnail(grid, ckpt / plots.PREDICTIONS_THUMB)
+            trial.last_result = {"training_iteration": epoch, "epoch": float(epoch), "composite": 0.5}
+            cb.on_trial_result(0, [trial], trial, trial.last_result)
+            cb.on_checkpoint(0, [trial], trial, SimpleNamespace(path=str(ckpt)))
+        cb.on_trial_complete(0, [trial], trial)
+    cb.close(timeout=30)
+    client = MlflowClient(mlflow_uri)
+    runs = [r for r in mlflow_runs(mlflow_uri, "imgtest") if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(runs) == 2
+    for run in runs:
+        name = run.data.tags["losstune.trial_id"]
+        assert run.data.tags["mlflow.loggedImages"] == "True"
+        files = sorted(a.path for a in client.list_artifacts(run.info.run_id, "images"))
+        assert len(files) == 4, files
+        for epoch in (1, 2):
+            png = next(f for f in files if f.startswith(f"images/predictions+step+{epoch}+timestamp+")
+                       and f.endswith(".png"))
+            local = client.download_artifacts(run.info.run_id, png, str(tmp_path / "dl" / name))
+            assert Path(local).read_bytes() == pngs[(name, epoch)]  # not re-encoded
+            thumb = client.download_artifacts(run.info.run_id, png[:-4] + "+compressed.webp",
+                                              str(tmp_path / "dl" / name))
+            with Image.open(io.BytesIO(Path(thumb).read_bytes())) as image:
+                assert image.format == "WEBP" and image.size == (256, 102)
+
+
 def test_tracking_callback_survives_a_dead_server(tmp_path, monkeypatch):
     import socket
     import time
