@@ -51,6 +51,9 @@ def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
         s = r["summary"]
         rows.append([name, "mean best composite: TPE+ASHA / random / best hand-set",
                      f"{s['mean_tpe_best']:.4f} / {s['mean_random_best']:.4f} / {s['best_hand_set']:.4f}", "", ""])
+        if "oracle_median_ratio" in s:
+            rows.append([name, "lower bound for any searcher: best config found, run first (median ratio)",
+                         s["oracle_median_ratio"], "", ""])
     elif name == "gpu_path":
         if r.get("skipped"):
             rows.append([name, "AMP on/off, 1/2/4 trials per GPU", f"skipped: {r.get('reason')}", "", ""])

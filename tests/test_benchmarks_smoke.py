@@ -44,3 +44,15 @@ def test_loop_throughput_quick_writes_json(tmp_path):
                                                  "metric evaluation share of an epoch"]
     for g in data["goals"]:
         assert _finite(g["value"]) and _finite(g["limit"]) and g["met"] in (True, False)
+
+
+def test_search_efficiency_lower_bound_counts_interleaved_epochs():
+    from benchmarks.search_efficiency import epochs_to_reach, oracle_epochs
+
+    histories = [[0.60, 0.61, 0.62], [0.60, 0.70, 0.80], [0.60, 0.65, 0.75]]
+    # 0.75 is first reached at a trial's own epoch 3 (second and third trial): 2 full rounds of 4 before it
+    assert oracle_epochs(histories, 0.75, in_flight=4) == 2 * 4 + 1
+    assert oracle_epochs(histories, 0.70, in_flight=4) == 1 * 4 + 1   # second trial, own epoch 2
+    assert oracle_epochs(histories, 0.60, in_flight=2) == 1
+    assert oracle_epochs(histories, 0.90, in_flight=2) == math.inf
+    assert epochs_to_reach([(1, 0.5), (2, 0.7), (3, 0.6)], 0.7) == 2.0
