@@ -22,13 +22,13 @@ import pandas as pd
 
 from search import space as sp
 from search.tracking import RUNS_FILE, read_runs_file
+from trainables.loop import DIVERGED_SCORE  # what a diverged trial scores (the worst composite)
 
 SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep.yaml"
 METRIC_COLUMNS = ["composite", "best_composite", "ssim", "mse", "psnr", "gradient_match"]
 ELIGIBLE = ("finished", "stopped_early", "running", "interrupted", "unknown")
 ASCENDING = {"mse", "val_loss", "loss", "histogram_distance", "trial_id", "time_s", "status"}
-DIVERGED_SCORE = -1.0
 
 
 class ResultsError(ValueError):
