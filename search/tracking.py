@@ -13,6 +13,10 @@
 
 Child runs are found again on ``--resume`` and after trial restarts (the mapping file, else a
 search by the tags ``losstune.trial_id`` + ``mlflow.parentRunId``), so no run is duplicated.
+
+Each epoch's ``predictions.png`` and its ``predictions.webp`` thumbnail (both made by the trial) become
+an MLflow image series, filed under the names ``MlflowClient.log_image(key=..., step=...)`` would use but
+without its decode / re-encode / resize (~30 ms per image, benchmarks/mlflow_cost.py).
 """
 
 from __future__ import annotations
