@@ -1,15 +1,26 @@
 """The Tune trainable: one trial = one training run of ``trainables.loop`` with sampled loss weights.
 
 Each epoch is reported with ``tune.report`` together with a checkpoint (``Trainer.save`` plus the
-validation predictions ``predictions.npz``/``.png`` and ``config.yaml`` of :func:`search.plots.save_trial_artifacts`),
-so a restarted trial (node failure, ``--resume``) continues from its last epoch via ``tune.get_checkpoint``.
+validation predictions ``predictions.npz``/``.png``/``.webp`` and ``config.yaml`` of
+:func:`search.plots.save_trial_artifacts`), so a restarted trial (node failure, ``--resume``) continues
+from its last epoch via ``tune.get_checkpoint``.
+
+Tune's function trainables report synchronously: ``tune.report`` uploads the checkpoint and then blocks
+until the driver has handled the result and asks for the next one (so a scheduler can stop the trial in
+between). To keep the device busy meanwhile, the training runs in a helper thread: epoch k+1 trains
+while Tune's thread reports epoch k. The checkpoint of epoch k is written before epoch k+1 starts, at
+most one finished epoch waits for Tune, and when Tune stops the trial the helper stops before its next
+step and is joined before the function returns.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import shutil
 import tempfile
+import threading
 from typing import Any, Callable, Mapping
 
 from ray import tune
@@ -59,24 +70,76 @@ def run_trial(config: Mapping[str, Any], base_train: Mapping[str, Any], params: 
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             trainer.load(directory)
+    _PipelinedTrial(trainer, _node_id()).run()
 
-    node_id = _node_id()
 
-    def on_epoch(report) -> bool:
+class _PipelinedTrial:
+    """Trains in a helper thread and reports from Tune's thread (see the module docstring)."""
+
+    def __init__(self, trainer, node_id: str | None, report: Callable[..., None] | None = None):
+        self.trainer, self.node_id = trainer, node_id
+        self.report = report or tune.report  # (metrics, checkpoint=...) -> returns when Tune wants the next one
+        self.epochs: queue.Queue = queue.Queue()  # ("epoch", metrics, checkpoint dir | None) / ("done"|"error", ..)
+        self.free = threading.Semaphore(1)         # taken by a finished epoch until Tune has its report
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        """Report each epoch as it comes; re-raise the training's error; always join the helper."""
+        helper = threading.Thread(target=self._train, name="losstune-train", daemon=True)
+        helper.start()
+        try:
+            while True:
+                kind, payload, directory = self.epochs.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise payload
+                try:
+                    checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
+                    self.report(payload, checkpoint=checkpoint)  # blocks until Tune asks for the next result
+                finally:
+                    _remove(directory)
+                    self.free.release()
+        finally:  # also when Tune stops the trial: tune.report raises SystemExit in this thread
+            self.stop.set()
+            helper.join()
+            while not self.epochs.empty():  # epochs finished after the stop: never reported
+                _remove(self.epochs.get_nowait()[2])
+
+    def _train(self) -> None:
+        from trainables.loop import TrainingStopped
+        try:
+            self.trainer.fit(self._hand_over, stop=self.stop)
+        except TrainingStopped:
+            pass
+        except BaseException as err:  # noqa: BLE001 - reported in Tune's thread, with its traceback
+            self.epochs.put(("error", err, None))
+            return
+        self.epochs.put(("done", None, None))
+
+    def _hand_over(self, report) -> bool:
+        """``fit``'s per-epoch callback (helper thread): checkpoint this epoch, queue it for Tune."""
+        from trainables.loop import TrainingStopped
         diverged = report.status == "diverged"
         metrics = report_metrics(report.metrics, diverged)
-        if node_id:  # nodes of one machine share an IP: the Ray node id tells them apart
-            metrics["node_id"] = node_id
-        if diverged:  # nothing worth resuming from
-            tune.report(metrics)
-            return True
-        with tempfile.TemporaryDirectory(prefix="losstune-ckpt-") as directory:
+        if self.node_id:  # nodes of one machine share an IP: the Ray node id tells them apart
+            metrics["node_id"] = self.node_id
+        directory = None
+        if not diverged:  # a diverged epoch has nothing worth resuming from
+            directory = tempfile.mkdtemp(prefix="losstune-ckpt-")
             report.trainer.save(directory)
             save_artifacts(directory, report.trainer)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-        return False
+        while not self.free.acquire(timeout=0.1):  # the previous epoch is still with Tune
+            if self.stop.is_set():
+                _remove(directory)
+                raise TrainingStopped("stopped while waiting to report")
+        self.epochs.put(("epoch", metrics, directory))
+        return diverged
 
-    trainer.fit(on_epoch)
+
+def _remove(directory: str | None) -> None:
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def make_trainable(base_train: Mapping[str, Any], params: Mapping[str, sp.ParamSpec], cpus: float | None = None,

@@ -78,13 +78,21 @@ def _children(uri: str, parent_id: str):
 
 @pytest.mark.slow
 def test_trials_leave_their_predictions_in_the_last_checkpoint(smoke):
+    import torch
     results = load_results(smoke.dir)
     assert len(results.table) == SMOKE["search"]["num_samples"]
-    for path in results.table["path"]:
+    for trial_id, path in zip(results.table["trial_id"], results.table["path"]):
         ckpts = sorted(Path(path).glob("checkpoint_*"))
         assert ckpts, path
         last = ckpts[-1]
+        # the kept checkpoint is the state of the last reported epoch (the trial trains the next epoch while
+        # Tune handles a report, so this would catch a checkpoint taken one epoch late)
+        reported = results.histories[trial_id]
+        state = torch.load(last / "state.pt", weights_only=True)
+        assert state["epoch"] == len(reported) == int(reported[-1]["training_iteration"]), trial_id
+        assert [h["composite"] for h in state["history"]] == pytest.approx([r["composite"] for r in reported])
         arrays = plots.load_predictions(last / plots.PREDICTIONS_NPZ)
+        assert int(arrays["epoch"]) == state["epoch"]
         assert set(plots.PRED_KEYS) <= set(arrays)
         shapes = {arrays[k].shape for k in plots.PRED_KEYS}
         assert len(shapes) == 1 and next(iter(shapes))[0] == plots.NUM_SAMPLES

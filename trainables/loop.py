@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,10 @@ STATE_FILE = "state.pt"
 PRELOAD_MEMORY_FRACTION = 0.5
 
 Status = Literal["running", "diverged"]
+
+
+class TrainingStopped(Exception):
+    """Raised by ``fit`` when its ``stop`` event is set from another thread (checked before every step)."""
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
 
+        self.stop: threading.Event | None = None  # set by another thread: training ends before the next step
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -166,6 +172,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         component_sums: dict[str, torch.Tensor] = {}
         for i in range(self.steps_per_epoch):
+            if self.stop is not None and self.stop.is_set():
+                raise TrainingStopped(f"stopped in epoch {self.epoch + 1}")
             batch = self._batch(self.train_data, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             with self._autocast():
                 total, components = self.task.training_step(model, batch, self.step)
@@ -235,7 +243,11 @@ class Trainer:
         self.history.append(metrics)
         return EpochReport(self.epoch, metrics, "diverged", self)
 
-    def fit(self, on_epoch: Callable[[EpochReport], bool | None] | None = None) -> TrainResult:
+    def fit(self, on_epoch: Callable[[EpochReport], bool | None] | None = None,
+            stop: threading.Event | None = None) -> TrainResult:
+        """Train the remaining epochs; ``on_epoch`` returning True ends it early. Setting ``stop`` (from another
+        thread) raises :class:`TrainingStopped` before the next training step."""
+        self.stop = stop
         status = "finished"
         while self.epoch < self.config.epochs:
             report = self.run_epoch()

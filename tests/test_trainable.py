@@ -1,0 +1,116 @@
+"""The trial's reporting pipeline (search/trainable.py): epoch k+1 trains while Tune handles epoch k.
+
+A real ``Trainer`` on the tiny microstructure task in real threads; in place of ``tune.report`` (which
+needs a running Tune trial) a callable that, like Tune's driver, holds the trial for a while before it
+asks for the next result, or raises ``SystemExit`` the way Tune stops a trial. The same code runs in the
+real sweeps of test_sweep.py / test_reliability.py / test_report.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from search.trainable import _PipelinedTrial
+from trainables.loop import STATE_FILE, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIG = {"task": "microstructure", "batch_size": 4, "lr": 3e-3, "epochs": 3, "seed": 0,
+          "data": {"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2},
+          "model": {"hidden_channels": [4, 8]}}
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Checkpoint folders (tempfile.mkdtemp) go to a folder of this test, to check that none is left."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith("losstune-ckpt-")]
+
+
+def _helpers_alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "losstune-train"]
+
+
+def test_next_epoch_trains_while_the_report_is_with_tune(private_tmp):
+    trainer = Trainer(CONFIG)
+    per_epoch = trainer.steps_per_epoch
+    seen = []
+
+    def report(metrics, checkpoint=None):  # Tune's driver: takes 0.4 s before it wants the next result
+        state = torch.load(Path(checkpoint.path) / STATE_FILE, weights_only=True)
+        assert (Path(checkpoint.path) / "predictions.png").is_file()
+        seen.append({"epoch": metrics["epoch"], "state_epoch": state["epoch"], "path": checkpoint.path,
+                     "history": [h["composite"] for h in state["history"]], "composite": metrics["composite"]})
+        time.sleep(0.4)
+        seen[-1]["steps_when_answered"] = trainer.step
+
+    _PipelinedTrial(trainer, None, report=report).run()
+
+    assert [s["epoch"] for s in seen] == [1.0, 2.0, 3.0]
+    for s in seen:
+        k = int(s["epoch"])
+        # the checkpoint is the state after epoch k, not after whatever trained since
+        assert s["state_epoch"] == k and len(s["history"]) == k and s["history"][-1] == s["composite"]
+        assert not Path(s["path"]).exists()  # removed once reported
+    for s in seen[:-1]:  # while epoch k was with Tune, epoch k+1 trained (and no further)
+        k = int(s["epoch"])
+        assert k * per_epoch < s["steps_when_answered"] <= (k + 1) * per_epoch, (s, per_epoch)
+    assert trainer.epoch == 3 and not _helpers_alive()
+    assert _checkpoint_dirs(private_tmp) == []
+
+
+def test_a_stop_from_tune_ends_training_before_the_next_step(private_tmp):
+    trainer = Trainer({**CONFIG, "epochs": 50})
+    reported = []
+
+    def report(metrics, checkpoint=None):  # Tune stops the trial after its first result (ASHA, say)
+        reported.append(metrics["epoch"])
+        time.sleep(0.2)
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        _PipelinedTrial(trainer, None, report=report).run()
+    assert reported == [1.0]
+    assert trainer.epoch <= 2  # at most the epoch that overlapped the report, never a third
+    assert not _helpers_alive()
+    assert _checkpoint_dirs(private_tmp) == []  # the unreported epoch's checkpoint folder is gone too
+
+
+def test_a_training_error_reaches_tunes_thread(private_tmp):
+    trainer = Trainer(CONFIG)
+    inner = trainer.task.training_step
+
+    def failing_step(model, batch, step):
+        if step == trainer.steps_per_epoch + 1:  # in the second epoch
+            raise RuntimeError("boom in the training step")
+        return inner(model, batch, step)
+
+    trainer.task.training_step = failing_step
+    reported = []
+    with pytest.raises(RuntimeError, match="boom in the training step"):
+        _PipelinedTrial(trainer, None, report=lambda metrics, checkpoint=None: reported.append(metrics["epoch"])).run()
+    assert reported == [1.0]
+    assert not _helpers_alive()
+    assert _checkpoint_dirs(private_tmp) == []
+
+
+def test_a_diverged_epoch_is_reported_without_checkpoint_and_ends_the_trial(private_tmp):
+    trainer = Trainer({**CONFIG, "lr": 1e6, "epochs": 4})
+    reported = []
+    _PipelinedTrial(trainer, "node-1", report=lambda metrics, checkpoint=None: reported.append(
+        (metrics["diverged"], metrics["node_id"], checkpoint))).run()
+    assert reported and reported[-1] == (1.0, "node-1", None)
+    assert len(reported) < 4 and all(d == 0.0 for d, _, _ in reported[:-1])
+    assert _checkpoint_dirs(private_tmp) == []
