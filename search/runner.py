@@ -39,6 +39,8 @@ from search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingC
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
 from search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
     write_reports
+from search.tune_state import TuneStateDamaged
+from search.tune_state import repair as repair_tune_state
 
 logger = logging.getLogger("losstune")
 OPTUNA_DB = "optuna.db"
@@ -366,6 +368,10 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
         grid, callback = _fit(sweep, sweep_dir, tune_dir, info, resume, uri, flush_timeout, out)
     except KeyboardInterrupt:
         out("[losstune] interrupted")
+    except TuneStateDamaged as err:  # nothing ran: the sweep stays as the killed run left it
+        if tracker is not None:
+            best_effort(lambda: tracker.finish("KILLED"), out)
+        raise SweepInputError(str(err)) from None
     except Exception as err:
         info["status"] = "failed"
         info["error"] = f"{type(err).__name__}: {err}"
@@ -429,6 +435,15 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
     return outcome
 
 
+def _ray_session_root() -> Path | None:
+    """The folder holding this machine's Ray session folders (``/tmp/ray`` unless Ray was told otherwise)."""
+    try:
+        import ray
+        return Path(ray._private.worker._global_node.get_session_dir_path()).parent
+    except Exception:  # noqa: BLE001 - not a local node: no staging copies to look at
+        return None
+
+
 def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool, uri: str | None,
          flush_timeout: float | None, out: Callable[[str], None]):
     from ray import tune
@@ -442,6 +457,11 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
                                     {"cpu": res.cpu, "gpu": res.gpu})
     storage_url = f"sqlite:///{sweep_dir / OPTUNA_DB}"
     if resume and tune.Tuner.can_restore(tune_dir):
+        if "://" not in sweep.storage_path:  # a killed driver may have left a half-copied state (search/tune_state.py)
+            repaired = repair_tune_state(Path(tune_dir), sweep.name, _ray_session_root())
+            if repaired is not None:
+                out(f"[losstune] Tune's saved state in {tune_dir} was cut off when the driver died; "
+                    f"using its intact copy from {repaired}")
         out(f"[losstune] resuming {sweep.name} from {tune_dir}")
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, restart_errored=True)
         callback = TrackingCallback.for_sweep(sweep_dir)

@@ -277,7 +277,11 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, ray_local, cl
 
 
 # ----- the driver killed mid-sweep, then --resume ----------------------------------------------------------
-def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
+@pytest.mark.parametrize("saved_state", ["as_left", "upload_cut_off"])
+def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_state):
+    """``upload_cut_off``: as when the kill lands while Tune copies its state from the driver's staging folder
+    to the results folder (it happened here): the stored searcher state is empty. The resume must take the
+    intact staging copy, not wait for trials forever."""
     import optuna
 
     pid_dir = tmp_path / "pids"
@@ -317,6 +321,9 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
     completed_numbers = {num for num, (_, state) in before.items() if state == optuna.trial.TrialState.COMPLETE}
     assert completed_numbers and len(completed) >= 1
     assert len(completed) < n  # the sweep was really cut short
+    if saved_state == "upload_cut_off":
+        (searcher_state,) = sweep_dir.glob("searcher-state-*.pkl")
+        searcher_state.write_bytes(b"")
 
     # resume it
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
@@ -324,6 +331,8 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path):
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-6000:]
     assert "resuming killdriver" in out
+    if saved_state == "upload_cut_off":  # (as_left may hit the same race by chance: then it is repaired too)
+        assert "was cut off when the driver died" in out, out[-3000:]
 
     from search.trials import load_results
     results = load_results(sweep_dir)
