@@ -457,11 +457,11 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
                                     {"cpu": res.cpu, "gpu": res.gpu})
     storage_url = f"sqlite:///{sweep_dir / OPTUNA_DB}"
     if resume and tune.Tuner.can_restore(tune_dir):
-        if "://" not in sweep.storage_path:  # a killed driver may have left a half-copied state (search/tune_state.py)
+        if "://" not in sweep.storage_path:  # a killed driver may have left a cut-off or stale state (tune_state.py)
             repaired = repair_tune_state(Path(tune_dir), sweep.name, _ray_session_root())
             if repaired is not None:
-                out(f"[losstune] Tune's saved state in {tune_dir} was cut off when the driver died; "
-                    f"using its intact copy from {repaired}")
+                out(f"[losstune] Tune's saved state in {tune_dir} {repaired[1]}; using the driver's last "
+                    f"snapshot from {repaired[0]}")
         out(f"[losstune] resuming {sweep.name} from {tune_dir}")
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, restart_errored=True)
         callback = TrackingCallback.for_sweep(sweep_dir)

@@ -1,14 +1,17 @@
-"""Tune's saved experiment state, checked (and repaired) before ``--resume`` hands it to ``Tuner.restore``.
+"""Tune's saved experiment state, checked (and brought up to date) before ``--resume`` hands it to ``Tuner.restore``.
 
 Tune writes its state (``experiment_state-*.json``, the searcher's and search generator's pickles, the
 callbacks' pickle) into a staging folder on the driver, ``<ray temp>/session_*/artifacts/*/<name>/driver_artifacts``,
-each file atomically, then copies that folder to the sweep's storage in a background thread, file by
-file. A driver killed during that copy leaves an empty or cut-off file in storage, and ``Tuner.restore``
-then does not fail: with an unreadable searcher it waits for trials forever.
+then copies that folder to the sweep's storage in a background thread, file by file. A driver killed
+around that copy leaves the storage with either a cut-off file (``Tuner.restore`` then waits for trials
+forever) or an older snapshot than the last one Tune took: that one may point at checkpoints already
+deleted (``num_to_keep=1``; the trial then fails three restores) and miss the newest trials (their
+Optuna trials stay RUNNING forever). Both happened in tests/test_reliability.py.
 
-So before a resume: when a stored file is damaged, the newest complete set in a staging folder of this
-machine (the killed driver's Ray session folder is still there) replaces the stored set as a whole, so
-the files stay consistent with each other; without one, :class:`TuneStateDamaged` names the file.
+So before a resume, the newest intact snapshot of this experiment found in this machine's Ray session
+folders (the killed driver's session folder is still there) replaces the stored set as a whole, so the
+files stay consistent with each other, when the stored set is damaged or older. A damaged set with no
+intact copy is :class:`TuneStateDamaged`, naming the file.
 """
 
 from __future__ import annotations
@@ -59,27 +62,51 @@ def damaged(folder: Path) -> list[Path]:
     return missing + [p for p in files.values() if not _readable(p)]
 
 
-def _staging_copies(session_root: Path, experiment: str) -> list[Path]:
-    """Staging folders of this experiment in every Ray session under ``session_root``, newest first."""
-    folders = [p for p in session_root.glob(f"session_*/artifacts/*/{experiment}/driver_artifacts") if p.is_dir()]
-
-    def saved_at(folder: Path) -> float:
-        files = state_files(folder)
-        return max((p.stat().st_mtime for p in files.values()), default=0.0)
-
-    return sorted(folders, key=saved_at, reverse=True)
-
-
-def repair(tune_dir: Path, experiment: str, session_root: Path | None) -> Path | None:
-    """Make ``tune_dir``'s state intact before a resume; returns the staging folder copied from, or None
-    when nothing was damaged. Only a copy whose trials all have folders in ``tune_dir`` is used."""
-    bad = damaged(tune_dir)
-    if not bad:
+def _snapshot(folder: Path) -> tuple[set[str], tuple[float, int, int]] | None:
+    """(trial ids, freshness) of the newest experiment state in ``folder``; None when unreadable.
+    Freshness = (newest result time of any trial, number of trials, number of terminated trials)."""
+    path = state_files(folder).get(PATTERNS[0])
+    if path is None:
         return None
-    trial_dirs = {p.name for p in tune_dir.glob("trial_*") if p.is_dir()}
-    for copy in _staging_copies(session_root, experiment) if session_root and session_root.is_dir() else []:
-        if damaged(copy) or not {p.name for p in copy.glob("trial_*")} <= trial_dirs:
+    try:
+        ids, newest, ended = set(), float("-inf"), 0
+        for entry in json.loads(path.read_bytes())["trial_data"]:
+            trial, meta = (json.loads(x) if isinstance(x, str) else x for x in entry)
+            ids.add(trial["trial_id"])
+            ended += trial.get("status") == "TERMINATED"
+            t = meta.get("last_result_time")
+            if isinstance(t, (int, float)) and t == t and abs(t) != float("inf"):
+                newest = max(newest, float(t))
+        return ids, (newest, len(ids), ended)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _staging_copies(session_root: Path | None, experiment: str) -> list[tuple[Path, tuple[set[str], tuple]]]:
+    """Intact staging snapshots of ``experiment`` in every Ray session under ``session_root``, freshest first."""
+    if session_root is None or not session_root.is_dir():
+        return []
+    found = []
+    for folder in session_root.glob(f"session_*/artifacts/*/{experiment}/driver_artifacts"):
+        snap = _snapshot(folder) if folder.is_dir() and not damaged(folder) else None
+        if snap is not None:
+            found.append((folder, snap))
+    return sorted(found, key=lambda item: item[1][1], reverse=True)
+
+
+def repair(tune_dir: Path, experiment: str, session_root: Path | None) -> tuple[Path, str] | None:
+    """Make ``tune_dir``'s state intact and current before a resume: returns (staging folder copied from,
+    why) or None when the stored set is intact and no fresher snapshot exists. A snapshot is only taken
+    when it knows every trial of the stored state and every trial folder (so never another sweep's)."""
+    bad = damaged(tune_dir)
+    stored = _snapshot(tune_dir)
+    required = (stored[0] if stored else set()) | {p.name[len("trial_"):] for p in tune_dir.glob("trial_*")
+                                                   if p.is_dir()}
+    for copy, (ids, fresh) in _staging_copies(session_root, experiment):
+        if not required or not required <= ids:
             continue
+        if not bad and stored is not None and fresh <= stored[1]:
+            return None  # the freshest matching copy is not newer than what is stored
         for pattern in PATTERNS:  # the whole set, so the files agree with each other
             for stale in tune_dir.glob(pattern):
                 stale.unlink()
@@ -87,7 +114,9 @@ def repair(tune_dir: Path, experiment: str, session_root: Path | None) -> Path |
             tmp = tune_dir / f".{source.name}.tmp"
             shutil.copyfile(source, tmp)
             os.replace(tmp, tune_dir / source.name)
-        return copy
+        return copy, ("was cut off when the driver died" if bad else "was older than the last one the driver saved")
+    if not bad:
+        return None
     names = ", ".join(f"{p.name} ({'missing' if not p.exists() else 'damaged'})" for p in bad)
     raise TuneStateDamaged(
         f"{tune_dir}: Tune's saved state is damaged ({names}), most likely the driver was killed while "

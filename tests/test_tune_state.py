@@ -1,4 +1,5 @@
-"""search/tune_state.py: a Tune state cut off in storage is replaced by the driver's intact staging copy.
+"""search/tune_state.py: a Tune state cut off or left stale in storage is replaced by the driver's last
+intact staging snapshot.
 
 Plain files in tmp folders laid out as Tune lays them out (the end-to-end case, a driver SIGKILLed while
 Tune copies its state, is in test_reliability.py).
@@ -19,13 +20,20 @@ from search.tune_state import PATTERNS, TuneStateDamaged, damaged, repair
 STAMP = "2026-11-25_09-20-43"
 
 
-def _write_state(folder: Path, trials: list[str], marker: str) -> None:
+def _write_state(folder: Path, trials: list[str], marker: str, last_result: float = 100.0) -> None:
+    """Tune's four state files (experiment state as Tune writes it: [trial json, run metadata json] per trial)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"experiment_state-{STAMP}.json").write_text(json.dumps({"trial_data": trials, "marker": marker}))
+    data = [[json.dumps({"trial_id": t, "status": "RUNNING"}), json.dumps({"last_result_time": last_result})]
+            for t in trials]
+    (folder / f"experiment_state-{STAMP}.json").write_text(json.dumps({"trial_data": data, "marker": marker}))
     for name in (f"search_gen_state-{STAMP}.json", f"searcher-state-{STAMP}.pkl", f"callback-states-{STAMP}.pkl"):
         (folder / name).write_bytes(pickle.dumps({"file": name, "marker": marker, "pad": list(range(200))}))
     for trial in trials:
         (folder / f"trial_{trial}").mkdir(exist_ok=True)
+
+
+def _marker(folder: Path) -> str:
+    return json.loads((folder / f"experiment_state-{STAMP}.json").read_text())["marker"]
 
 
 def _staging(root: Path, session: str, name: str) -> Path:
@@ -52,7 +60,7 @@ def test_cut_off_searcher_state_is_replaced_by_the_newest_intact_staging_set(tmp
 
     root = tmp_path / "ray"
     old = _staging(root, "1", "sw")
-    _write_state(old, ["a"], "older")
+    _write_state(old, ["a", "b"], "older", last_result=50.0)
     newest = _staging(root, "2", "sw")
     _write_state(newest, ["a", "b"], "killed driver")
     past = time.time() - 100
@@ -62,12 +70,12 @@ def test_cut_off_searcher_state_is_replaced_by_the_newest_intact_staging_set(tmp
     _write_state(broken, ["a", "b"], "download")
     (broken / f"searcher-state-{STAMP}.pkl").write_bytes(b"")
 
-    assert repair(tune_dir, "sw", root) == newest
+    assert repair(tune_dir, "sw", root) == (newest, "was cut off when the driver died")
     assert damaged(tune_dir) == []
     for pattern in PATTERNS:  # the whole set comes from one snapshot
         (stored,) = tune_dir.glob(pattern)
         assert stored.read_bytes() == next(newest.glob(pattern)).read_bytes()
-    assert json.loads((tune_dir / f"experiment_state-{STAMP}.json").read_text())["marker"] == "killed driver"
+    assert _marker(tune_dir) == "killed driver"
     assert not list(tune_dir.glob(".*.tmp"))
 
 
@@ -83,3 +91,26 @@ def test_no_intact_copy_is_a_clear_error(tmp_path):
     with pytest.raises(TuneStateDamaged, match="cannot be resumed exactly"):
         repair(tune_dir, "sw", None)
     assert (tune_dir / f"experiment_state-{STAMP}.json").read_text() == '{"trial_data": ['  # untouched
+
+
+def test_a_stored_snapshot_older_than_the_drivers_last_is_replaced(tmp_path):
+    """The driver died before Tune uploaded its last snapshot: storage is intact but stale (it misses trial c,
+    and may point at a checkpoint already deleted). The staging snapshot knows every stored trial: taken."""
+    tune_dir = tmp_path / "res" / "sw"
+    _write_state(tune_dir, ["a", "b"], "stored", last_result=100.0)
+    root = tmp_path / "ray"
+    last = _staging(root, "1", "sw")
+    _write_state(last, ["a", "b", "c"], "last snapshot", last_result=105.0)
+    assert repair(tune_dir, "sw", root) == (last, "was older than the last one the driver saved")
+    assert _marker(tune_dir) == "last snapshot"
+
+
+@pytest.mark.parametrize("case", ["same", "older", "other sweep"])
+def test_an_up_to_date_stored_snapshot_is_kept(tmp_path, case):
+    tune_dir = tmp_path / "res" / "sw"
+    _write_state(tune_dir, ["a", "b"], "stored", last_result=100.0)
+    root = tmp_path / "ray"
+    trials, t = {"same": (["a", "b"], 100.0), "older": (["a"], 90.0), "other sweep": (["x", "y", "z"], 500.0)}[case]
+    _write_state(_staging(root, "1", "sw"), trials, case, last_result=t)
+    assert repair(tune_dir, "sw", root) is None
+    assert _marker(tune_dir) == "stored"
