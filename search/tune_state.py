@@ -82,6 +82,29 @@ def _snapshot(folder: Path) -> tuple[set[str], tuple[float, int, int]] | None:
         return None
 
 
+def _copy_final_trial_logs(copy: Path, tune_dir: Path) -> None:
+    """The logs (result.json, progress.csv, ...) of trials the snapshot has as TERMINATED, where the staging
+    copy is longer: such a trial is not run again, so rows Tune had not uploaded yet would be lost."""
+    try:
+        data = json.loads(state_files(copy)[PATTERNS[0]].read_bytes())["trial_data"]
+        ended = [json.loads(e[0]) if isinstance(e[0], str) else e[0] for e in data]
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return
+    for trial in ended:
+        if trial.get("status") != "TERMINATED":
+            continue
+        source_dir, target_dir = copy / f"trial_{trial['trial_id']}", tune_dir / f"trial_{trial['trial_id']}"
+        if not source_dir.is_dir():
+            continue
+        target_dir.mkdir(exist_ok=True)
+        for source in source_dir.iterdir():
+            target = target_dir / source.name
+            if source.is_file() and (not target.exists() or source.stat().st_size > target.stat().st_size):
+                tmp = target_dir / f".{source.name}.tmp"
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+
+
 def _staging_copies(session_root: Path | None, experiment: str) -> list[tuple[Path, tuple[set[str], tuple]]]:
     """Intact staging snapshots of ``experiment`` in every Ray session under ``session_root``, freshest first."""
     if session_root is None or not session_root.is_dir():
@@ -114,6 +137,7 @@ def repair(tune_dir: Path, experiment: str, session_root: Path | None) -> tuple[
             tmp = tune_dir / f".{source.name}.tmp"
             shutil.copyfile(source, tmp)
             os.replace(tmp, tune_dir / source.name)
+        _copy_final_trial_logs(copy, tune_dir)
         return copy, ("was cut off when the driver died" if bad else "was older than the last one the driver saved")
     if not bad:
         return None

@@ -101,8 +101,19 @@ def test_a_stored_snapshot_older_than_the_drivers_last_is_replaced(tmp_path):
     root = tmp_path / "ray"
     last = _staging(root, "1", "sw")
     _write_state(last, ["a", "b", "c"], "last snapshot", last_result=105.0)
+    # trial a ended after the stored snapshot; its last result row had not been uploaded either
+    state = last / f"experiment_state-{STAMP}.json"
+    doc = json.loads(state.read_text())
+    doc["trial_data"][0][0] = json.dumps({"trial_id": "a", "status": "TERMINATED"})
+    state.write_text(json.dumps(doc))
+    (last / "trial_a" / "result.json").write_text('{"training_iteration": 1}\n{"training_iteration": 2}\n')
+    (tune_dir / "trial_a" / "result.json").write_text('{"training_iteration": 1}\n')
+    (last / "trial_b" / "result.json").write_text('{"training_iteration": 1}\n{"training_iteration": 2}\n')
+    (tune_dir / "trial_b" / "result.json").write_text('{"training_iteration": 1}\n')
     assert repair(tune_dir, "sw", root) == (last, "was older than the last one the driver saved")
     assert _marker(tune_dir) == "last snapshot"
+    assert (tune_dir / "trial_a" / "result.json").read_text().count("\n") == 2  # ended: its rows completed
+    assert (tune_dir / "trial_b" / "result.json").read_text().count("\n") == 1  # still running: it reports again
 
 
 @pytest.mark.parametrize("case", ["same", "older", "other sweep"])
