@@ -62,35 +62,47 @@ def damaged(folder: Path) -> list[Path]:
     return missing + [p for p in files.values() if not _readable(p)]
 
 
-def _snapshot(folder: Path) -> tuple[set[str], tuple[float, int, int]] | None:
-    """(trial ids, freshness) of the newest experiment state in ``folder``; None when unreadable.
-    Freshness = (newest result time of any trial, number of trials, number of terminated trials)."""
+def _trials(folder: Path) -> list[tuple[dict, dict]] | None:
+    """(trial, run metadata) of every trial in the newest experiment state in ``folder``; None when unreadable."""
     path = state_files(folder).get(PATTERNS[0])
     if path is None:
         return None
     try:
+        return [tuple(json.loads(x) if isinstance(x, str) else x for x in entry)
+                for entry in json.loads(path.read_bytes())["trial_data"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _snapshot(folder: Path) -> tuple[set[str], tuple[float, int, int]] | None:
+    """(trial ids, freshness) of the newest experiment state in ``folder``; None when unreadable.
+    Freshness = (newest result time of any trial, number of trials, number of terminated trials)."""
+    trials = _trials(folder)
+    if trials is None:
+        return None
+    try:
         ids, newest, ended = set(), float("-inf"), 0
-        for entry in json.loads(path.read_bytes())["trial_data"]:
-            trial, meta = (json.loads(x) if isinstance(x, str) else x for x in entry)
+        for trial, meta in trials:
             ids.add(trial["trial_id"])
             ended += trial.get("status") == "TERMINATED"
             t = meta.get("last_result_time")
             if isinstance(t, (int, float)) and t == t and abs(t) != float("inf"):
                 newest = max(newest, float(t))
         return ids, (newest, len(ids), ended)
-    except (OSError, ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def _copy_final_trial_logs(copy: Path, tune_dir: Path) -> None:
     """The logs (result.json, progress.csv, ...) of trials the snapshot has as TERMINATED, where the staging
     copy is longer: such a trial is not run again, so rows Tune had not uploaded yet would be lost."""
-    try:
-        data = json.loads(state_files(copy)[PATTERNS[0]].read_bytes())["trial_data"]
-        ended = [json.loads(e[0]) if isinstance(e[0], str) else e[0] for e in data]
-    except (OSError, ValueError, TypeError, KeyError, IndexError):
-        return
-    for trial in ended:
+    for trial, _ in _trials(copy) or []:
         if trial.get("status") != "TERMINATED":
             continue
         source_dir, target_dir = copy / f"trial_{trial['trial_id']}", tune_dir / f"trial_{trial['trial_id']}"
@@ -100,9 +112,7 @@ def _copy_final_trial_logs(copy: Path, tune_dir: Path) -> None:
         for source in source_dir.iterdir():
             target = target_dir / source.name
             if source.is_file() and (not target.exists() or source.stat().st_size > target.stat().st_size):
-                tmp = target_dir / f".{source.name}.tmp"
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
+                _copy_atomic(source, target)
 
 
 def _staging_copies(session_root: Path | None, experiment: str) -> list[tuple[Path, tuple[set[str], tuple]]]:
@@ -134,9 +144,7 @@ def repair(tune_dir: Path, experiment: str, session_root: Path | None) -> tuple[
             for stale in tune_dir.glob(pattern):
                 stale.unlink()
             source = state_files(copy)[pattern]
-            tmp = tune_dir / f".{source.name}.tmp"
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, tune_dir / source.name)
+            _copy_atomic(source, tune_dir / source.name)
         _copy_final_trial_logs(copy, tune_dir)
         return copy, ("was cut off when the driver died" if bad else "was older than the last one the driver saved")
     if not bad:
