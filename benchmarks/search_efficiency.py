@@ -2,11 +2,11 @@
 
 Equal budget of trial-epochs per method and seed. Running hundreds of tiny trials through Ray would
 measure Ray, not the search, so the trials run in-process with the real ``trainables.loop.Trainer``,
-driven by losstune's own search objects: the searcher is ``search.runner.make_searcher`` (Ray's
-``OptunaSearch`` with the sampler of ``search.runner.make_sampler``: TPE multivariate + constant liar,
+driven by losstune's own search objects: the searcher is ``search.algorithms.make_searcher`` (Ray's
+``OptunaSearch`` with the sampler of ``search.algorithms.make_sampler``: TPE multivariate + constant liar,
 n_startup_trials auto, the three hand-set points enqueued first; or ``RandomSampler``) behind its
 ``ConcurrencyLimiter``, on an Optuna sqlite study in a temp dir; the scheduler is
-``search.runner.make_scheduler`` (Ray's ``ASHAScheduler``: grace period, reduction factor, max_t =
+``search.algorithms.make_scheduler`` (Ray's ``ASHAScheduler``: grace period, reduction factor, max_t =
 epochs). The driver calls them exactly as Tune's controller does (``suggest`` / ``on_trial_result`` /
 ``on_trial_complete``; scheduler ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``),
 with ``max_concurrent`` trials in flight, advanced one epoch each in turn. Random search runs every
@@ -100,7 +100,7 @@ def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
 
     from search import space as sp
     from search.config import validate_sweep
-    from search.runner import make_scheduler, make_searcher
+    from search.algorithms import make_scheduler, make_searcher
     from trainables.loop import Trainer
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +38,7 @@ from search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingC
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
 from search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
     write_reports
-from search.tune_state import TuneStateDamaged
+from search.tune_state import TuneStateDamaged, known_trial_ids
 from search.tune_state import repair as repair_tune_state
 
 logger = logging.getLogger("losstune")
@@ -72,46 +71,6 @@ def trial_dirname(trial) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def make_sampler(sweep: Sweep):
-    import optuna
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    s = sweep.search
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "nsga2":
-        population = s.population_size or max(4, min(50, s.num_samples // 2))
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=population)
-    startup = s.n_startup_trials
-    if startup is None:  # the hand-set points count as start-up trials; leave TPE room to work
-        startup = max(len(sweep.points) + 1, min(10, max(2, s.num_samples // 3)))
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=s.multivariate, constant_liar=s.constant_liar,
-                                      n_startup_trials=startup)
-
-
-def make_searcher(sweep: Sweep, storage_url: str):
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    metric, mode = sweep.metric_mode()
-    searcher = OptunaSearch(
-        space=sp.distributions(sweep.params), metric=metric, mode=mode,
-        points_to_evaluate=[sp.encode_point(sweep.params, p) for p in sweep.points] or None,
-        sampler=make_sampler(sweep), study_name=sweep.name,
-        storage=optuna.storages.RDBStorage(storage_url))
-    return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
-
-
-def make_scheduler(sweep: Sweep):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    sch = sweep.scheduler
-    if sch.type == "fifo":
-        return FIFOScheduler()
-    extra = {"metric": "composite", "mode": "max"} if sweep.is_pareto else {}
-    return ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs, grace_period=sch.grace_period,
-                         reduction_factor=sch.reduction_factor, brackets=sch.brackets, **extra)
 
 
 def decoder(sweep: Sweep) -> Callable[[dict], dict]:
@@ -450,6 +409,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from search.algorithms import make_scheduler, make_searcher
     from search.trainable import make_trainable
 
     res = sweep.resources
@@ -469,6 +429,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
             callback.parent_run_id = info.get("parent_run_id") or callback.parent_run_id
             callback.tracking_uri = uri
             callback.experiment_id = info.get("experiment_id") or callback.experiment_id
+        _settle_lost_trials(sweep, sweep_dir, tune_dir, storage_url, callback, out)
     else:
         if resume:  # the first run died before Tune saved anything: start over in the same folder
             (sweep_dir / OPTUNA_DB).unlink(missing_ok=True)
@@ -502,6 +463,23 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
         grid = tuner.fit()
     out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")
     return grid, callback
+
+
+def _settle_lost_trials(sweep: Sweep, sweep_dir: Path, tune_dir: str, storage_url: str,
+                        callback: TrackingCallback | None, out: Callable[[str], None]) -> None:
+    """Trials started after Tune's last snapshot died with the driver: Tune does not know them and
+    will not run them again. Their entries become ``lost`` (child run KILLED) and their Optuna trials
+    FAIL, so no trial hangs as running forever and the table holds only the sweep's real trials."""
+    known = known_trial_ids(Path(tune_dir)) if "://" not in sweep.storage_path else None
+    if known is None:  # remote storage, or no readable state: nothing to compare with
+        return
+    from search.algorithms import fail_lost_trials
+    lost = callback.mark_lost(known) if callback is not None else []
+    numbers = fail_lost_trials(storage_url, sweep.name, known)
+    if lost or numbers:
+        out(f"[losstune] lost with the killed driver (started after Tune's last snapshot, not run again): "
+            f"trials {', '.join(lost) or '-'}, Optuna trials {', '.join(map(str, numbers)) or '-'}; "
+            f"marked lost / FAIL")
 
 
 @contextlib.contextmanager

@@ -55,8 +55,9 @@ TUNE_KEYS = {
 }
 # losstune.status -> MLflow run status
 RUN_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "diverged": "FAILED", "failed": "FAILED",
-              "interrupted": "KILLED"}
-TERMINAL = {"finished", "stopped_early", "diverged", "failed"}
+              "interrupted": "KILLED", "lost": "KILLED"}
+TERMINAL = {"finished", "stopped_early", "diverged", "failed"}  # the trial ended and counts towards num_samples
+LOST = "lost"  # started after Tune's last snapshot, then the driver died: never run again, not counted
 MAX_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags)
 MAX_PARAMS = 100
 PARAM_LEN = 500
@@ -653,11 +654,10 @@ class TrackingCallback(tune.Callback):
         elif kind == "recover":
             state.restarts += 1
             state.tags["losstune.restarts"] = str(state.restarts)
-        elif kind == "interrupt":
-            if entry.get("status") not in TERMINAL:
-                state.end = "interrupted"
-                with self._lock:
-                    entry["status"] = "interrupted"
+        elif kind == "interrupt":  # ("interrupt", trial id, status): mark_interrupted / mark_lost set the status
+            status = ev[2]
+            if entry.get("status") == status and (status != LOST or state.run_id is not None):
+                state.end = status  # ends the child run (a lost trial that never got one gets none now)
 
     def _pending(self) -> bool:
         # state.files alone is not pending: they are written when the trial ends (state.end)
@@ -769,11 +769,26 @@ class TrackingCallback(tune.Callback):
             ids = list(trial_ids) if trial_ids is not None else list(self._runs)
             for trial_id in ids:
                 entry = self._runs.get(trial_id)
-                if entry is not None and entry.get("status") not in TERMINAL:
+                if entry is not None and entry.get("status") not in TERMINAL | {LOST}:
                     entry["status"] = "interrupted"
         self._dirty = True
         for trial_id in ids:
-            self._put(("interrupt", trial_id))
+            self._put(("interrupt", trial_id, "interrupted"))
+
+    def mark_lost(self, known_trial_ids: Iterable[str]) -> list[str]:
+        """On a resume: trials that had not ended and that the restored Tune state does not know become
+        ``lost`` (child run KILLED, if one was made); returns their ids."""
+        self._start_thread()  # loads mlflow_runs.json
+        known = set(known_trial_ids)
+        with self._lock:
+            lost = sorted(t for t, e in self._runs.items()
+                          if t not in known and e.get("status") not in TERMINAL | {LOST})
+            for trial_id in lost:
+                self._runs[trial_id]["status"] = LOST
+        self._dirty = True
+        for trial_id in lost:
+            self._put(("interrupt", trial_id, LOST))
+        return lost
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written (or ``timeout`` s); True when all was written."""

@@ -7,7 +7,8 @@ The table has one row per trial: ``trial_id``, ``status``, the sampled params (r
 
 Statuses: ``finished`` (all epochs), ``stopped_early`` (ASHA), ``diverged`` (NaN/inf loss),
 ``failed`` (raised, retries exhausted), ``running`` / ``interrupted`` (the sweep did not end;
-``--resume`` continues it), ``pending`` (no result yet).
+``--resume`` continues it), ``pending`` (no result yet), ``lost`` (started after Tune's last
+snapshot when the driver was killed: the resume did not know it, so it was not run again; not ranked).
 """
 
 from __future__ import annotations

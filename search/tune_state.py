@@ -93,6 +93,12 @@ def _snapshot(folder: Path) -> tuple[set[str], tuple[float, int, int]] | None:
         return None
 
 
+def known_trial_ids(folder: Path) -> set[str] | None:
+    """The trial ids of the newest experiment state in ``folder`` (what a resume will run); None when unreadable."""
+    snap = _snapshot(folder)
+    return snap[0] if snap is not None else None
+
+
 def _copy_atomic(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(source, tmp)

@@ -1,0 +1,93 @@
+"""What picks and stops a sweep's trials: the Optuna sampler, Ray's ``OptunaSearch`` around it, the
+scheduler (ASHA / FIFO), and the Optuna side of a resume (trials a killed driver took with it).
+
+Imported lazily (it imports Ray Tune and Optuna): ``losstune trials`` / ``export`` do not need it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from search import space as sp
+from search.config import Sweep
+
+# user attribute of every Optuna trial: the Tune trial it belongs to (also handy in optuna-dashboard)
+TUNE_TRIAL_ATTR = "tune_trial_id"
+
+
+def make_sampler(sweep: Sweep):
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    s = sweep.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "nsga2":
+        population = s.population_size or max(4, min(50, s.num_samples // 2))
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=population)
+    startup = s.n_startup_trials
+    if startup is None:  # the hand-set points count as start-up trials; leave TPE room to work
+        startup = max(len(sweep.points) + 1, min(10, max(2, s.num_samples // 3)))
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=s.multivariate, constant_liar=s.constant_liar,
+                                      n_startup_trials=startup)
+
+
+class TrialIdOptunaSearch(OptunaSearch):
+    """Ray's ``OptunaSearch`` that also stores the Tune trial id on each Optuna trial it asks for, so a
+    resume can tell which Optuna trials belonged to trials Tune no longer knows (:func:`fail_lost_trials`)."""
+
+    def suggest(self, trial_id: str):
+        new = trial_id not in self._ot_trials
+        params = super().suggest(trial_id)
+        if new and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return params
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        # a resume from a snapshot taken between a trial's last checkpoint and its end completes it again
+        # (from that checkpoint, training nothing): Optuna has its value already, telling twice only warns
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(trial_id)
+                return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(sweep: Sweep, storage_url: str):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    metric, mode = sweep.metric_mode()
+    searcher = TrialIdOptunaSearch(
+        space=sp.distributions(sweep.params), metric=metric, mode=mode,
+        points_to_evaluate=[sp.encode_point(sweep.params, p) for p in sweep.points] or None,
+        sampler=make_sampler(sweep), study_name=sweep.name,
+        storage=optuna.storages.RDBStorage(storage_url))
+    return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
+
+
+def make_scheduler(sweep: Sweep):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    sch = sweep.scheduler
+    if sch.type == "fifo":
+        return FIFOScheduler()
+    extra = {"metric": "composite", "mode": "max"} if sweep.is_pareto else {}
+    return ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs, grace_period=sch.grace_period,
+                         reduction_factor=sch.reduction_factor, brackets=sch.brackets, **extra)
+
+
+def fail_lost_trials(storage_url: str, study_name: str, known_trial_ids: set[str]) -> list[int]:
+    """Mark FAIL the RUNNING Optuna trials of Tune trials that the restored Tune state does not know.
+
+    A driver killed between two of Tune's snapshots takes the trials started since the last one with it:
+    Tune will not run them again, so their Optuna trials would stay RUNNING forever. Returns their numbers.
+    """
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    lost = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        tune_id = trial.user_attrs.get(TUNE_TRIAL_ATTR)
+        if tune_id is not None and tune_id not in known_trial_ids:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            lost.append(trial.number)
+    return lost
