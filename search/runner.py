@@ -470,8 +470,8 @@ def _settle_lost_trials(sweep: Sweep, sweep_dir: Path, tune_dir: str, storage_ur
     """Trials started after Tune's last snapshot died with the driver: Tune does not know them and
     will not run them again. Their entries become ``lost`` (child run KILLED) and their Optuna trials
     FAIL, so no trial hangs as running forever and the table holds only the sweep's real trials."""
-    known = known_trial_ids(Path(tune_dir)) if "://" not in sweep.storage_path else None
-    if known is None:  # remote storage, or no readable state: nothing to compare with
+    known = known_trial_ids(tune_dir)
+    if known is None:  # no readable state: nothing to compare with
         return
     from search.algorithms import fail_lost_trials
     lost = callback.mark_lost(known) if callback is not None else []

@@ -68,9 +68,16 @@ def _trials(folder: Path) -> list[tuple[dict, dict]] | None:
     if path is None:
         return None
     try:
+        return _trial_data(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _trial_data(data: bytes) -> list[tuple[dict, dict]] | None:
+    try:
         return [tuple(json.loads(x) if isinstance(x, str) else x for x in entry)
-                for entry in json.loads(path.read_bytes())["trial_data"]]
-    except (OSError, ValueError, TypeError, KeyError):
+                for entry in json.loads(data)["trial_data"]]
+    except (ValueError, TypeError, KeyError):
         return None
 
 
@@ -93,10 +100,25 @@ def _snapshot(folder: Path) -> tuple[set[str], tuple[float, int, int]] | None:
         return None
 
 
-def known_trial_ids(folder: Path) -> set[str] | None:
-    """The trial ids of the newest experiment state in ``folder`` (what a resume will run); None when unreadable."""
-    snap = _snapshot(folder)
-    return snap[0] if snap is not None else None
+def known_trial_ids(tune_dir: str | Path) -> set[str] | None:
+    """The trial ids of the newest experiment state in ``tune_dir`` (a folder or a storage URI such as
+    ``s3://...``): the trials a resume will know. None when there is none or it is unreadable."""
+    if "://" not in str(tune_dir):
+        snap = _snapshot(Path(tune_dir))
+        return snap[0] if snap is not None else None
+    import pyarrow.fs as pafs
+    try:
+        fs, base = pafs.FileSystem.from_uri(str(tune_dir))
+        found = [f for f in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+                 if f.type == pafs.FileType.File and Path(f.base_name).match(PATTERNS[0])]
+        if not found:
+            return None
+        newest = max(found, key=lambda f: (f.mtime_ns or 0, f.base_name))
+        with fs.open_input_stream(newest.path) as stream:
+            trials = _trial_data(stream.read())
+        return {trial["trial_id"] for trial, _ in trials} if trials is not None else None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _copy_atomic(source: Path, target: Path) -> None:

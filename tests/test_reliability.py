@@ -391,7 +391,8 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_st
     assert all(s == optuna.trial.TrialState.FAIL for t, s in states.items() if t not in set(table["trial_id"])), shown
 
 
-def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path):
+@pytest.mark.parametrize("storage", ["local", "uri"])
+def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path, storage):
     """Tune saves its experiment state at each trial checkpoint and otherwise only every ~10 s (here:
     never, TUNE_GLOBAL_CHECKPOINT_S=3600). A trial that starts after the last save and the driver is
     killed before it checkpoints: the resumed Tune does not know it and will not run it. It must not
@@ -407,6 +408,10 @@ def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path):
     n, epochs = 3, 2
     cfg = _config("lost", pid_dir, epochs=epochs, num_samples=n, max_concurrent=1, step_sleep=0.02)
     cfg["train"]["data"]["hold_after"] = 1  # the second trial waits in its first step: no result, no checkpoint
+    tune_dir = tmp_path / "res" / "lost"
+    if storage == "uri":  # Tune's part on storage given by URI (as s3://... on a cluster)
+        cfg["ray"]["storage_path"] = (tmp_path / "storage").as_uri()
+        tune_dir = tmp_path / "storage" / "lost"
     path = _write(tmp_path, cfg)
     res, sweep_dir = tmp_path / "res", tmp_path / "res" / "lost"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -432,7 +437,8 @@ def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path):
             proc.kill()
             proc.wait(30)
     _reap(ray_procs, timeout=10)
-    assert second not in known_trial_ids(sweep_dir), "precondition: Tune's saved state must not know the trial"
+    known = known_trial_ids(tune_dir.as_uri() if storage == "uri" else tune_dir)
+    assert known and second not in known, "precondition: Tune's saved state must not know the trial"
 
     (pid_dir / "release").write_text("")
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
