@@ -16,6 +16,13 @@
   logging, Tune's defaults otherwise.
 * plain Python loop: ``trainables.loop.train`` on losstune's 16 trial configs, one after the other
   (concurrency 1, no Ray).
+
+Where the time goes, as CPU seconds (the machine's cores are all busy during a sweep, so every CPU second
+spent outside training lengthens it): the driver process's CPU during the sweep (``getrusage``) for
+losstune, losstune with MLflow off, and bare Ray Tune; and the CPU a fresh trial process spends before its
+first step (interpreter, ``ray.tune``, ``torch``, the first ``torch.optim`` optimiser), measured in a
+subprocess. That start-up alone puts a floor under any runner that trains in Ray worker processes:
+``1 + concurrency x start-up CPU / Σ trial training time``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import io
 import json
 import math
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +75,34 @@ def sweep_yaml(s: dict[str, Any], name: str, results_dir: Path, uri: str) -> dic
             "ray": {"num_cpus": s["concurrency"], "num_gpus": 0}, "results_dir": str(results_dir)}
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# what a Ray trial process runs before its first training step (Ray's worker imports ray itself)
+_STARTUP_SNIPPET = """
+import time
+import ray.tune, torch
+import search.trainable, trainables.loop
+torch.set_num_threads(1)
+model = torch.nn.Conv2d(3, 3, 3)
+torch.optim.Adam(model.parameters(), lr=1e-3)  # imports torch._dynamo, as every torch.optim optimiser does
+print(time.process_time())
+"""
+
+
+def trial_process_startup_cpu(repeats: int = 2) -> float:
+    """CPU seconds a fresh Python process spends importing what a trial needs (min over ``repeats``)."""
+    cpu = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", _STARTUP_SNIPPET], cwd=common.REPO, capture_output=True,
+                             text=True, check=True)
+        cpu.append(float(out.stdout.strip().splitlines()[-1]))
+    return min(cpu)
+
+
 def _epoch_sums(histories: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     epoch = sum(float(r.get("epoch_time_s") or 0) for h in histories.values() for r in h)
     it = sum(float(r.get("time_this_iter_s") or 0) for h in histories.values() for r in h)
@@ -104,7 +141,7 @@ def _phase_timer():
     return PhaseTimer()
 
 
-def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO) -> dict[str, Any]:
+def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = True) -> dict[str, Any]:
     import ray
 
     from search.cli import main as cli_main
@@ -115,7 +152,10 @@ def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO) -> dict[str, An
     name = "bench-overhead"
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg_path = tmp / "sweep.yaml"
-    cfg_path.write_text(yaml.safe_dump(sweep_yaml(s, name, tmp / "res", uri), sort_keys=False))
+    config = sweep_yaml(s, name, tmp / "res", uri)
+    if not mlflow:
+        config["mlflow"] = {"enabled": False}
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     _prepare_mlflow_store(uri)
     cli_args = ["sweep", str(cfg_path), "--results-dir", str(tmp / "res")]
     sweep = load_sweep(cfg_path, {"results_dir": str(tmp / "res")})
@@ -126,14 +166,14 @@ def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO) -> dict[str, An
         runner._status_line = lambda sw: [*status_line(sw), timer]
     t0 = time.perf_counter()
     init_ray(sweep)
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), _cpu_s()
     try:
         with contextlib.redirect_stdout(log):
             rc = cli_main(cli_args)
     finally:
         if status_line is not None:
             runner._status_line = status_line
-    t2 = time.perf_counter()
+    t2, cpu2 = time.perf_counter(), _cpu_s()
     ray.shutdown()
     t3 = time.perf_counter()
     if rc != 0:
@@ -141,6 +181,7 @@ def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO) -> dict[str, An
     results = load_results(tmp / "res" / name)
     info = json.loads((tmp / "res" / name / "sweep.json").read_text())
     out = {"ray_start_s": t1 - t0, "sweep_wall_s": t2 - t1, "ray_shutdown_s": t3 - t2, "total_wall_s": t3 - t0,
+           "driver_cpu_s": cpu2 - cpu1,
            "tune_fit_s": _tune_fit_seconds(log.getvalue()), "tracking": info.get("tracking", {}),
            **_epoch_sums(results.histories)}
     p = timer.t
@@ -212,8 +253,9 @@ def run_bare_tune(s: dict[str, Any], tmp: Path, reuse_actors: bool = False) -> d
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=s["num_samples"], metric="composite",
                                     mode="max", reuse_actors=reuse_actors),
         run_config=tune.RunConfig(name="bare", storage_path=str(tmp / f"bare{int(reuse_actors)}"), verbose=0))
+    cpu1 = _cpu_s()
     grid = tuner.fit()
-    t2 = time.perf_counter()
+    t2, cpu2 = time.perf_counter(), _cpu_s()
     ray.shutdown()
     t3 = time.perf_counter()
     histories = {}
@@ -222,7 +264,7 @@ def run_bare_tune(s: dict[str, Any], tmp: Path, reuse_actors: bool = False) -> d
         histories[r.metrics.get("trial_id", str(len(histories)))] = df.to_dict("records") if df is not None else []
     errors = sum(1 for r in grid if r.error)
     return {"ray_start_s": t1 - t0, "sweep_wall_s": t2 - t1, "ray_shutdown_s": t3 - t2, "total_wall_s": t3 - t0,
-            "errors": errors, **_epoch_sums(histories)}
+            "driver_cpu_s": cpu2 - cpu1, "errors": errors, **_epoch_sums(histories)}
 
 
 # ----- plain loop -----------------------------------------------------------------------------------
@@ -258,15 +300,21 @@ def main(argv=None) -> dict[str, Any]:
     log = io.StringIO()
     with tempfile.TemporaryDirectory(prefix="losstune-bench-overhead-") as tmpdir:
         tmp = Path(tmpdir)
-        (tmp / "losstune").mkdir()
-        (tmp / "losstune_half").mkdir()
+        for sub in ("warm_up", "losstune", "losstune_half", "losstune_no_mlflow"):
+            (tmp / sub).mkdir()
+        # a tiny sweep first: the driver's lazy imports (MLflow, Tune, Optuna's TPE) and the OS file cache then
+        # cost every timed run the same (the first run used to pay them alone, which inflated the marginal ratio)
+        run_losstune(dict(settings_for(True), num_samples=2, epochs=1), tmp / "warm_up", io.StringIO())
         lt = run_losstune(s, tmp / "losstune", log)
         configs, sweep = lt.pop("configs"), lt.pop("sweep")
         lt_half = run_losstune(half, tmp / "losstune_half", io.StringIO())
         lt_half.pop("configs"), lt_half.pop("sweep")
+        lt_nomlflow = run_losstune(s, tmp / "losstune_no_mlflow", io.StringIO(), mlflow=False)
+        lt_nomlflow.pop("configs"), lt_nomlflow.pop("sweep")
         bare = run_bare_tune(s, tmp)
         bare_reuse = run_bare_tune(s, tmp, reuse_actors=True)
         plain = run_plain(configs, sweep)
+    startup_cpu = trial_process_startup_cpu()
 
     rows, results = [], {}
     for key, label, r, c in (
@@ -274,7 +322,8 @@ def main(argv=None) -> dict[str, Any]:
             ("bare_ray_tune", "bare Ray Tune + OptunaSearch (defaults)", bare, conc),
             ("bare_ray_tune_reuse_actors", "bare Ray Tune + OptunaSearch, reuse_actors", bare_reuse, conc),
             ("plain_python_loop", "plain Python loop", plain, 1),
-            ("losstune_half", f"losstune, {half['num_samples']} trials (for the marginal cost)", lt_half, conc)):
+            ("losstune_half", f"losstune, {half['num_samples']} trials (for the marginal cost)", lt_half, conc),
+            ("losstune_no_mlflow", "losstune, MLflow off", lt_nomlflow, conc)):
         r["concurrency"] = c
         r["ratio_excl_ray_start"] = _ratio(r, "sweep_wall_s", c)
         r["ratio_incl_ray_start"] = _ratio(r, "total_wall_s", c)
@@ -288,9 +337,22 @@ def main(argv=None) -> dict[str, Any]:
     fixed = lt["sweep_wall_s"] - marginal * lt["sum_epoch_time_s"] / conc if math.isfinite(marginal) else math.nan
     results["losstune_marginal_ratio"] = marginal
     results["losstune_fixed_cost_s"] = fixed
+    # where the CPU goes: a trial process's start-up, and the driver's own work per trial
+    floor = 1 + conc * startup_cpu / lt["sum_epoch_time_s"] if lt["sum_epoch_time_s"] > 0 else math.nan
+    results["trial_process_startup_cpu_s"] = startup_cpu
+    results["startup_floor_ratio"] = floor
+    results["wall_vs_bare_reuse"] = lt["sweep_wall_s"] / bare_reuse["sweep_wall_s"]
+    cpu_rows = []
+    for key, label in (("losstune", "losstune"), ("losstune_no_mlflow", "losstune, MLflow off"),
+                       ("bare_ray_tune_reuse_actors", "bare Ray Tune + OptunaSearch, reuse_actors")):
+        r = results[key]
+        r["driver_cpu_ms_per_trial"] = 1000 * r["driver_cpu_s"] / max(1, r["num_trials"])
+        cpu_rows.append([label, r["driver_cpu_s"], r["driver_cpu_ms_per_trial"],
+                         r["driver_cpu_s"] / r["sum_epoch_time_s"] if r["sum_epoch_time_s"] > 0 else math.nan])
     headers = ["runner", "conc", "trials", "train s/trial", "Σ train s", "ray start s", "sweep wall s",
                "wall incl. ray s", "ratio (excl. ray start)", "ratio (incl. ray start+stop)"]
     text = common.table(headers, rows)
+    cpu_text = common.table(["runner", "driver CPU s (sweep)", "driver CPU ms / trial", "÷ Σ train s"], cpu_rows)
     phases = lt.get("phases_s", {})
     phase_text = common.table(["losstune sweep phase", "s"], [[k.replace("_", " "), v] for k, v in phases.items()])
     print(f"\nSweep overhead: {n} trials x {s['epochs']} epochs, concurrency {conc}"
@@ -298,6 +360,10 @@ def main(argv=None) -> dict[str, Any]:
     print("ratio = wall ÷ (Σ trial training time ÷ concurrency); training time = Σ epoch_time_s (train + val)")
     print(text)
     print(phase_text)
+    print(cpu_text)
+    print(f"a fresh trial process spends {startup_cpu:.2f} CPU s before its first step (imports of ray.tune, torch, "
+          f"torch._dynamo by the optimiser); with {conc} such processes the ratio cannot go below {floor:.3f}")
+    print(f"losstune sweep wall ÷ bare Ray Tune (reuse_actors) sweep wall: {results['wall_vs_bare_reuse']:.3f}")
     print(f"marginal ratio (wall added per added trial, {half['num_samples']} -> {n} trials): {marginal:.3f}; "
           f"fixed cost of a sweep ≈ {fixed:.1f} s (set-up, worker start-up + imports, reports, export)")
     goals = [common.goal("losstune sweep ratio, Ray start-up excluded", lt["ratio_excl_ray_start"], GOAL),
@@ -313,7 +379,8 @@ def main(argv=None) -> dict[str, Any]:
              "Ray runs trial workers at nice 15: on a machine shared with other work, trials get less CPU than the "
              "plain loop (which runs at nice 0), so the per-trial training times differ between runners"]
     path = common.write_result(NAME, args.out, quick=args.quick, settings=s, results=results, goals=goals,
-                               table_text=text + "\n" + phase_text, started=started, notes=notes)
+                               table_text=text + "\n" + phase_text + "\n" + cpu_text, started=started,
+                               notes=notes)
     print(f"wrote {path}")
     return results
 

@@ -40,6 +40,18 @@ def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
             rows.append([name, "losstune: Ray start-up s / sweep wall s / Σ trial training s",
                          f"{common.fmt(r['losstune']['ray_start_s'])} / {common.fmt(r['losstune']['sweep_wall_s'])} / "
                          f"{common.fmt(r['losstune']['sum_epoch_time_s'])}", "", ""])
+        if "startup_floor_ratio" in r:
+            rows.append([name, "floor for any runner in Ray worker processes: 1 + conc × start-up CPU / Σ train "
+                               "(start-up CPU s per process)",
+                         f"{common.fmt(r['startup_floor_ratio'])} ({common.fmt(r['trial_process_startup_cpu_s'])} s)",
+                         "", ""])
+        if "wall_vs_bare_reuse" in r:
+            rows.append([name, "losstune sweep wall ÷ bare Ray Tune (reuse_actors) sweep wall",
+                         r["wall_vs_bare_reuse"], "", ""])
+        keys = ("losstune", "losstune_no_mlflow", "bare_ray_tune_reuse_actors")
+        if all("driver_cpu_ms_per_trial" in r.get(k, {}) for k in keys):
+            rows.append([name, "driver CPU ms per trial: losstune / MLflow off / bare Ray Tune (reuse_actors)",
+                         " / ".join(f"{r[k]['driver_cpu_ms_per_trial']:.0f}" for k in keys), "", ""])
     elif name == "mlflow_cost" and "ray" in r:
         rows.append([name, "ray.air MLflowLoggerCallback ms per result (driver = end-to-end)",
                      r["ray"]["end_to_end_ms_per_result"], "", ""])

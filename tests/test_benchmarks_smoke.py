@@ -56,3 +56,11 @@ def test_search_efficiency_lower_bound_counts_interleaved_epochs():
     assert oracle_epochs(histories, 0.60, in_flight=2) == 1
     assert oracle_epochs(histories, 0.90, in_flight=2) == math.inf
     assert epochs_to_reach([(1, 0.5), (2, 0.7), (3, 0.6)], 0.7) == 2.0
+
+
+def test_overhead_startup_probe_measures_a_fresh_trial_process():
+    from benchmarks.overhead import trial_process_startup_cpu
+
+    cpu = trial_process_startup_cpu(repeats=1)
+    # a new interpreter importing ray.tune and torch and building an optimiser cannot be free, nor take minutes
+    assert _finite(cpu) and 0.2 < cpu < 120, cpu
