@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 from typing import Any, Callable, Mapping
@@ -56,11 +57,33 @@ def _node_id() -> str | None:
         return None
 
 
+def quiet_exit_in_finalizers() -> None:
+    """Drop the "Exception ignored in ... SystemExit" tracebacks of a worker being stopped.
+
+    Ray stops a trial process with SIGTERM, which its handler turns into ``SystemExit`` in the main thread.
+    When that lands in a finalizer or weakref callback, Python cannot raise it and prints it with a traceback
+    (the process goes on exiting), and Ray forwards that to the driver's console at the end of a sweep.
+    Only those are dropped; every other unraisable exception goes to the previous hook. Idempotent.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "losstune_quiet_exit", False):
+        return
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is SystemExit:
+            return
+        previous(unraisable)
+
+    hook.losstune_quiet_exit = True
+    sys.unraisablehook = hook
+
+
 def run_trial(config: Mapping[str, Any], base_train: Mapping[str, Any], params: Mapping[str, sp.ParamSpec],
               cpus: float | None = None, cwd: str | None = None) -> None:
     """Train the trial's config, reporting (and checkpointing) every epoch to Tune."""
     from trainables.loop import Trainer
 
+    quiet_exit_in_finalizers()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" per epoch
     if cwd and os.path.isdir(cwd):  # relative data paths resolve like they do for the driver
         os.chdir(cwd)

@@ -114,3 +114,29 @@ def test_a_diverged_epoch_is_reported_without_checkpoint_and_ends_the_trial(priv
     assert reported and reported[-1] == (1.0, "node-1", None)
     assert len(reported) < 4 and all(d == 0.0 for d, _, _ in reported[:-1])
     assert _checkpoint_dirs(private_tmp) == []
+
+
+def test_a_worker_being_stopped_prints_no_traceback_but_other_errors_still_show(monkeypatch):
+    """Ray's SIGTERM handler raises SystemExit; landing in a finalizer, Python would print it (and Ray would
+    forward it to the sweep's console). The trial's hook drops exactly those."""
+    import gc
+    import sys
+
+    from search.trainable import quiet_exit_in_finalizers
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+    quiet_exit_in_finalizers()
+    quiet_exit_in_finalizers()  # once per process, however many trials it runs
+
+    class Finalizer:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    Finalizer(SystemExit(1))
+    Finalizer(ValueError("a real bug"))
+    gc.collect()
+    assert seen == [ValueError]
