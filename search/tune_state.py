@@ -157,15 +157,18 @@ def _staging_copies(session_root: Path | None, experiment: str) -> list[tuple[Pa
 
 def repair(tune_dir: Path, experiment: str, session_root: Path | None) -> tuple[Path, str] | None:
     """Make ``tune_dir``'s state intact and current before a resume: returns (staging folder copied from,
-    why) or None when the stored set is intact and no fresher snapshot exists. A snapshot is only taken
-    when it knows every trial of the stored state and every trial folder (so never another sweep's)."""
+    why) or None when the stored set is intact and no fresher snapshot exists.
+
+    A snapshot is only taken when it is this sweep's: it knows every trial of the stored state (when that
+    is readable) and some of the trial folders. It need not know them all: a trial started after the
+    driver's last snapshot has a folder but is in no snapshot (the resume marks it lost)."""
     bad = damaged(tune_dir)
     stored = _snapshot(tune_dir)
-    required = (stored[0] if stored else set()) | {p.name[len("trial_"):] for p in tune_dir.glob("trial_*")
-                                                   if p.is_dir()}
+    stored_ids = stored[0] if stored else set()
+    folders = {p.name[len("trial_"):] for p in tune_dir.glob("trial_*") if p.is_dir()}
     for copy, (ids, fresh) in _staging_copies(session_root, experiment):
-        if not required or not required <= ids:
-            continue
+        if not (stored_ids or folders) or not stored_ids <= ids or (folders and not folders & ids):
+            continue  # nothing tells which sweep it is, an older snapshot, or another sweep of the same name
         if not bad and stored is not None and fresh <= stored[1]:
             return None  # the freshest matching copy is not newer than what is stored
         for pattern in PATTERNS:  # the whole set, so the files agree with each other

@@ -125,3 +125,33 @@ def test_an_up_to_date_stored_snapshot_is_kept(tmp_path, case):
     _write_state(_staging(root, "1", "sw"), trials, case, last_result=t)
     assert repair(tune_dir, "sw", root) is None
     assert _marker(tune_dir) == "stored"
+
+
+@pytest.mark.parametrize("stored_state", ["cut off", "older"])
+def test_a_trial_started_after_the_drivers_last_snapshot_does_not_block_the_repair(tmp_path, stored_state):
+    """The driver died just after starting trial c: c's folder is in storage, but no snapshot knows c (the
+    resume marks it lost). The driver's last snapshot is still this sweep's and must be taken."""
+    tune_dir = tmp_path / "res" / "sw"
+    _write_state(tune_dir, ["a", "b"], "stored", last_result=100.0)
+    (tune_dir / "trial_c").mkdir()
+    if stored_state == "cut off":
+        (tune_dir / f"searcher-state-{STAMP}.pkl").write_bytes(b"")
+    root = tmp_path / "ray"
+    last = _staging(root, "1", "sw")
+    _write_state(last, ["a", "b"], "killed driver", last_result=105.0)
+    why = ("was cut off when the driver died" if stored_state == "cut off"
+           else "was older than the last one the driver saved")
+    assert repair(tune_dir, "sw", root) == (last, why)
+    assert _marker(tune_dir) == "killed driver" and damaged(tune_dir) == []
+
+
+def test_an_unreadable_experiment_state_is_repaired_from_a_copy_that_knows_the_trial_folders(tmp_path):
+    tune_dir = tmp_path / "res" / "sw"
+    _write_state(tune_dir, ["a", "b", "c"], "stored")
+    (tune_dir / f"experiment_state-{STAMP}.json").write_text('{"trial_data": [')
+    root = tmp_path / "ray"
+    _write_state(_staging(root, "1", "sw"), ["x", "y"], "other sweep", last_result=900.0)
+    mine = _staging(root, "2", "sw")
+    _write_state(mine, ["a", "b"], "killed driver")
+    assert repair(tune_dir, "sw", root) == (mine, "was cut off when the driver died")
+    assert _marker(tune_dir) == "killed driver"
