@@ -2,7 +2,7 @@
 
 Trial side (cheap, runs inside every Tune trial at every checkpoint; numpy + Pillow only):
 
-* :func:`save_trial_artifacts` writes ``predictions.npz`` (input/baseline/prediction/target of the first
+* :func:`save_trial_artifacts` (= :func:`capture_trial_artifacts`, then :func:`write_trial_artifacts`) writes ``predictions.npz`` (input/baseline/prediction/target of the first
   validation samples, ``Trainer.predict_val``), ``predictions.png`` (a small labelled grid), its
   ``predictions.webp`` thumbnail (what MLflow's image-series chart shows) and the trial's training config
   ``config.yaml`` into a checkpoint directory.
@@ -91,21 +91,33 @@ def prediction_grid(arrays: Mapping[str, np.ndarray], keys: Sequence[str] = PRED
 def save_trial_artifacts(directory: str | Path, trainer, n: int = NUM_SAMPLES, title: str | None = None
                          ) -> dict[str, Path]:
     """``predictions.npz`` + ``predictions.png`` + ``config.yaml`` of a trainer's current model in ``directory``."""
+    return write_trial_artifacts(directory, capture_trial_artifacts(trainer, n, title))
+
+
+def capture_trial_artifacts(trainer, n: int = NUM_SAMPLES, title: str | None = None) -> dict[str, Any]:
+    """What :func:`write_trial_artifacts` needs of a trainer, taken now (its model moves on as it trains):
+    the first ``n`` validation predictions (one small forward pass) and its config."""
+    return {"arrays": {k: v.numpy() for k, v in trainer.predict_val(n).items()}, "epoch": trainer.epoch,
+            "title": title or f"{trainer.config.task}, epoch {trainer.epoch}", "config": trainer.config.model_dump()}
+
+
+def write_trial_artifacts(directory: str | Path, captured: Mapping[str, Any]) -> dict[str, Path]:
+    """Encode and write what :func:`capture_trial_artifacts` took (the slow part; needs no model, so a trial
+    can do it while the next epoch trains)."""
     import yaml
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: v.numpy() for k, v in trainer.predict_val(n).items()}
+    arrays = captured["arrays"]
     npz = directory / PREDICTIONS_NPZ
-    np.savez_compressed(npz, epoch=np.int64(trainer.epoch),
+    np.savez_compressed(npz, epoch=np.int64(captured["epoch"]),
                         **{k: v.astype(np.float16) for k, v in arrays.items()})
     png = directory / PREDICTIONS_PNG
-    label = title or f"{trainer.config.task}, epoch {trainer.epoch}"
-    grid = prediction_grid(arrays, title=label)
+    grid = prediction_grid(arrays, title=captured["title"])
     grid.save(png, compress_level=1)  # fast: written every epoch
     thumb = directory / PREDICTIONS_THUMB
     save_thumbnail(grid, thumb)
     cfg = directory / TRIAL_CONFIG
-    cfg.write_text(yaml.safe_dump(trainer.config.model_dump(), sort_keys=False, default_flow_style=None))
+    cfg.write_text(yaml.safe_dump(captured["config"], sort_keys=False, default_flow_style=None))
     return {"npz": npz, "png": png, "thumb": thumb, "config": cfg}
 
 

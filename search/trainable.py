@@ -2,13 +2,14 @@
 
 Each epoch is reported with ``tune.report`` together with a checkpoint (``Trainer.save`` plus the
 validation predictions ``predictions.npz``/``.png``/``.webp`` and ``config.yaml`` of
-:func:`search.plots.save_trial_artifacts`), so a restarted trial (node failure, ``--resume``) continues
+:func:`search.plots.write_trial_artifacts`), so a restarted trial (node failure, ``--resume``) continues
 from its last epoch via ``tune.get_checkpoint``.
 
 Tune's function trainables report synchronously: ``tune.report`` uploads the checkpoint and then blocks
 until the driver has handled the result and asks for the next one (so a scheduler can stop the trial in
 between). To keep the device busy meanwhile, the training runs in a helper thread: epoch k+1 trains
-while Tune's thread reports epoch k. The checkpoint of epoch k is written before epoch k+1 starts, at
+while Tune's thread reports epoch k. The model's state and predictions of epoch k are taken before epoch
+k+1 starts (the images are encoded in Tune's thread, beside the training), at
 most one finished epoch waits for Tune, and when Tune stops the trial the helper stops before its next
 step and is joined before the function returns.
 """
@@ -36,15 +37,27 @@ def report_metrics(metrics: Mapping[str, Any], diverged: bool) -> dict[str, floa
     return out
 
 
-def save_artifacts(directory: str, trainer) -> None:
-    """predictions.npz / predictions.png / config.yaml of the model beside its state (for the report and
-    the child run's images); a failure here never fails the trial."""
+def capture_artifacts(trainer) -> dict[str, Any] | None:
+    """The validation predictions and config of the model as it is now, for :func:`write_artifacts`; a
+    failure here never fails the trial (None: no artifacts this epoch)."""
     try:
-        from search.plots import save_trial_artifacts
+        from search.plots import capture_trial_artifacts
+        return capture_trial_artifacts(trainer)
     except ImportError:  # pragma: no cover - the plotting module is optional
+        return None
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger("losstune").warning("cannot save the trial's prediction artifacts: %s", err)
+        return None
+
+
+def write_artifacts(directory: str, captured: Mapping[str, Any] | None) -> None:
+    """predictions.npz / .png / .webp and config.yaml beside the model's state in its checkpoint (for the
+    report and the child run's images); a failure here never fails the trial."""
+    if captured is None:
         return
     try:
-        save_trial_artifacts(directory, trainer)
+        from search.plots import write_trial_artifacts
+        write_trial_artifacts(directory, captured)
     except Exception as err:  # noqa: BLE001
         logging.getLogger("losstune").warning("cannot save the trial's prediction artifacts: %s", err)
 
@@ -118,8 +131,12 @@ class _PipelinedTrial:
                 if kind == "error":
                     raise payload
                 try:
-                    checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
-                    self.report(payload, checkpoint=checkpoint)  # blocks until Tune asks for the next result
+                    metrics, artifacts = payload
+                    checkpoint = None
+                    if directory:  # the images are encoded here, while the helper trains the next epoch
+                        write_artifacts(directory, artifacts)
+                        checkpoint = tune.Checkpoint.from_directory(directory)
+                    self.report(metrics, checkpoint=checkpoint)  # blocks until Tune asks for the next result
                 finally:
                     _remove(directory)
                     self.free.release()
@@ -147,16 +164,16 @@ class _PipelinedTrial:
         metrics = report_metrics(report.metrics, diverged)
         if self.node_id:  # nodes of one machine share an IP: the Ray node id tells them apart
             metrics["node_id"] = self.node_id
-        directory = None
+        directory, artifacts = None, None
         if not diverged:  # a diverged epoch has nothing worth resuming from
             directory = tempfile.mkdtemp(prefix="losstune-ckpt-")
             report.trainer.save(directory)
-            save_artifacts(directory, report.trainer)
+            artifacts = capture_artifacts(report.trainer)  # the predictions now; Tune's thread encodes them
         while not self.free.acquire(timeout=0.1):  # the previous epoch is still with Tune
             if self.stop.is_set():
                 _remove(directory)
                 raise TrainingStopped("stopped while waiting to report")
-        self.epochs.put(("epoch", metrics, directory))
+        self.epochs.put(("epoch", (metrics, artifacts), directory))
         return diverged
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,8 +52,15 @@ def test_next_epoch_trains_while_the_report_is_with_tune(private_tmp):
     def report(metrics, checkpoint=None):  # Tune's driver: takes 0.4 s before it wants the next result
         state = torch.load(Path(checkpoint.path) / STATE_FILE, weights_only=True)
         assert (Path(checkpoint.path) / "predictions.png").is_file()
+        # the images are encoded while the next epoch trains, but show the model of the reported epoch
+        with np.load(Path(checkpoint.path) / "predictions.npz") as saved:
+            shown_epoch, shown = int(saved["epoch"]), saved["prediction"].astype(np.float32)
+        again = Trainer(CONFIG)
+        again.load(checkpoint.path)
+        expected = again.predict_val(len(shown))["prediction"].numpy().astype(np.float16).astype(np.float32)
         seen.append({"epoch": metrics["epoch"], "state_epoch": state["epoch"], "path": checkpoint.path,
-                     "history": [h["composite"] for h in state["history"]], "composite": metrics["composite"]})
+                     "history": [h["composite"] for h in state["history"]], "composite": metrics["composite"],
+                     "shown_epoch": shown_epoch, "shown_matches": bool(np.allclose(shown, expected, atol=1e-3))})
         time.sleep(0.4)
         seen[-1]["steps_when_answered"] = trainer.step
 
@@ -63,6 +71,7 @@ def test_next_epoch_trains_while_the_report_is_with_tune(private_tmp):
         k = int(s["epoch"])
         # the checkpoint is the state after epoch k, not after whatever trained since
         assert s["state_epoch"] == k and len(s["history"]) == k and s["history"][-1] == s["composite"]
+        assert s["shown_epoch"] == k and s["shown_matches"]
         assert not Path(s["path"]).exists()  # removed once reported
     for s in seen[:-1]:  # while epoch k was with Tune, epoch k+1 trained (and no further)
         k = int(s["epoch"])
