@@ -63,7 +63,7 @@ def make_result(trial: FakeTrial, epoch: int, rng: random.Random) -> dict[str, A
 
 def _artifact_dir(root: Path) -> Path:
     """A checkpoint-like folder with a real predictions.png grid, its thumbnail and config.yaml (as trials write
-    them in ``search.plots.save_trial_artifacts``)."""
+    them in ``search.plots.write_trial_artifacts``)."""
     import numpy as np
 
     from search.plots import PREDICTIONS_THUMB, prediction_grid, save_thumbnail

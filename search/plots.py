@@ -2,10 +2,10 @@
 
 Trial side (cheap, runs inside every Tune trial at every checkpoint; numpy + Pillow only):
 
-* :func:`save_trial_artifacts` (= :func:`capture_trial_artifacts`, then :func:`write_trial_artifacts`) writes ``predictions.npz`` (input/baseline/prediction/target of the first
-  validation samples, ``Trainer.predict_val``), ``predictions.png`` (a small labelled grid), its
-  ``predictions.webp`` thumbnail (what MLflow's image-series chart shows) and the trial's training config
-  ``config.yaml`` into a checkpoint directory.
+* :func:`capture_trial_artifacts` takes the first validation predictions of a trainer (``Trainer.predict_val``)
+  and its config; :func:`write_trial_artifacts` then writes ``predictions.npz`` (input/baseline/prediction/
+  target), ``predictions.png`` (a small labelled grid), its ``predictions.webp`` thumbnail (what MLflow's
+  image-series chart shows) and the trial's training config ``config.yaml`` into a checkpoint directory.
 
 Report side (matplotlib, Agg): one function per figure, each returning a ``matplotlib.figure.Figure``.
 """
@@ -86,12 +86,6 @@ def prediction_grid(arrays: Mapping[str, np.ndarray], keys: Sequence[str] = PRED
         for j, t in enumerate(row):
             grid.paste(t, (pad + j * (tw + pad), head + i * (th + pad)))
     return grid
-
-
-def save_trial_artifacts(directory: str | Path, trainer, n: int = NUM_SAMPLES, title: str | None = None
-                         ) -> dict[str, Path]:
-    """``predictions.npz`` + ``predictions.png`` + ``config.yaml`` of a trainer's current model in ``directory``."""
-    return write_trial_artifacts(directory, capture_trial_artifacts(trainer, n, title))
 
 
 def capture_trial_artifacts(trainer, n: int = NUM_SAMPLES, title: str | None = None) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from ray import tune
 logger = logging.getLogger("losstune.tracking")
 
 RUNS_FILE = "mlflow_runs.json"
-# small files of each checkpoint that the child run keeps (written by search.plots.save_trial_artifacts)
+# small files of each checkpoint that the child run keeps (written by search.plots.write_trial_artifacts)
 ARTIFACT_FILES = ("predictions.png", "config.yaml")
 THUMBNAIL_FILE = "predictions.webp"  # the image series' thumbnail, made by the trial beside predictions.png
 IMAGE_KEY = "predictions"  # the image series' key in the MLflow UI
