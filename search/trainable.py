@@ -11,11 +11,13 @@ between). To keep the device busy meanwhile, the training runs in a helper threa
 while Tune's thread reports epoch k. The model's state and predictions of epoch k are taken before epoch
 k+1 starts (the images are encoded in Tune's thread, beside the training), at
 most one finished epoch waits for Tune, and when Tune stops the trial the helper stops before its next
-step and is joined before the function returns.
+step and is joined before the function returns (or, when Tune tears the process down without waiting
+for the function, before the interpreter exits: :func:`_stop_live_trials`).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -91,6 +93,34 @@ def quiet_exit_in_finalizers() -> None:
     sys.unraisablehook = hook
 
 
+# the helper threads of the trials of this process, stopped and joined when the interpreter exits
+_LIVE_TRIALS: set["_PipelinedTrial"] = set()
+_LIVE_LOCK = threading.Lock()
+EXIT_JOIN_TIMEOUT_S = 30.0
+
+
+def _stop_live_trials() -> None:
+    """Stop the training helpers still running when the process exits (``atexit``, so before the
+    interpreter finalises).
+
+    When Tune tears a trial process down it does not wait for the trial's function (``cleanup`` finishes
+    its session with ``timeout=0``), so the interpreter can start finalising while the helper is inside
+    torch (e.g. ``backward``). A daemon thread that then wants the GIL back is ended with ``pthread_exit``,
+    whose unwinding through torch's C++ frames aborts the process: SIGABRT and a crash dump on the sweep's
+    console. Stopping the helper here ends it cleanly before its next step.
+    """
+    with _LIVE_LOCK:
+        trials = list(_LIVE_TRIALS)
+    for trial in trials:
+        trial.stop.set()
+    for trial in trials:
+        if trial.helper is not None:
+            trial.helper.join(EXIT_JOIN_TIMEOUT_S)
+
+
+atexit.register(_stop_live_trials)
+
+
 def run_trial(config: Mapping[str, Any], base_train: Mapping[str, Any], params: Mapping[str, sp.ParamSpec],
               cpus: float | None = None, cwd: str | None = None) -> None:
     """Train the trial's config, reporting (and checkpointing) every epoch to Tune."""
@@ -118,10 +148,13 @@ class _PipelinedTrial:
         self.epochs: queue.Queue = queue.Queue()  # ("epoch", metrics, checkpoint dir | None) / ("done"|"error", ..)
         self.free = threading.Semaphore(1)         # taken by a finished epoch until Tune has its report
         self.stop = threading.Event()
+        self.helper: threading.Thread | None = None
 
     def run(self) -> None:
         """Report each epoch as it comes; re-raise the training's error; always join the helper."""
-        helper = threading.Thread(target=self._train, name="losstune-train", daemon=True)
+        self.helper = helper = threading.Thread(target=self._train, name="losstune-train", daemon=True)
+        with _LIVE_LOCK:
+            _LIVE_TRIALS.add(self)
         helper.start()
         try:
             while True:
@@ -143,6 +176,8 @@ class _PipelinedTrial:
         finally:  # also when Tune stops the trial: tune.report raises SystemExit in this thread
             self.stop.set()
             helper.join()
+            with _LIVE_LOCK:
+                _LIVE_TRIALS.discard(self)
             while not self.epochs.empty():  # epochs finished after the stop: never reported
                 _remove(self.epochs.get_nowait()[2])
 

@@ -149,3 +149,47 @@ def test_a_worker_being_stopped_prints_no_traceback_but_other_errors_still_show(
     Finalizer(ValueError("a real bug"))
     gc.collect()
     assert seen == [ValueError]
+
+
+_EXIT_WHILE_TRAINING = """
+import sys, threading, time
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {repo!r})
+from search.trainable import _PipelinedTrial
+from trainables.loop import Trainer
+
+config = {config!r}
+trainer = Trainer(config)
+reported = threading.Event()
+
+def report(metrics, checkpoint=None):  # Tune tears the process down and never asks for the next result
+    reported.set()
+    threading.Event().wait()
+
+threading.Thread(target=_PipelinedTrial(trainer, None, report=report).run, daemon=True).start()
+assert reported.wait(120)
+time.sleep(0.3)  # the helper is inside epoch 2 (inside torch) when the interpreter exits
+print("steps", trainer.step, "of", trainer.steps_per_epoch, "per epoch", flush=True)
+"""
+
+
+def test_a_process_exiting_while_the_helper_trains_exits_cleanly(tmp_path):
+    """Tune does not wait for a trial's function when it tears the trial process down; a helper thread still
+    inside torch when the interpreter finalises used to abort the process (SIGABRT, crash dump on the sweep's
+    console at the end of a sweep). The process must now exit 0, the helper stopped before its next step."""
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[1])
+    # ~30 steps of ~50+ ms: an epoch long enough that the exit lands inside one
+    config = {**CONFIG, "epochs": 50, "batch_size": 2,
+              "data": {"size": 48, "num_sequences": 12, "frames": 8, "seq_length": 3},
+              "model": {"hidden_channels": [16, 16]}}
+    script = tmp_path / "exit_while_training.py"
+    script.write_text(_EXIT_WHILE_TRAINING.format(repo=repo, config=config))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    steps, per_epoch = (int(w) for w in proc.stdout.split()[1::2][:2])
+    assert per_epoch < steps < 2 * per_epoch  # it did exit in the middle of the second epoch
+    assert "Fatal Python error" not in proc.stderr
