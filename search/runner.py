@@ -97,6 +97,22 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {address} ({err})") from None
 
 
+@contextlib.contextmanager
+def _without_token_auth_notice():
+    """Ray 2.60 turns token authentication on for every new local cluster (good: README, Security) and
+    says so with a WARNING on every sweep, which reads like something went wrong. Only that notice is
+    dropped; "token authentication is disabled" (RAY_AUTH_MODE=disabled) still shows."""
+    def not_the_notice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+    ray_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    ray_logger.addFilter(not_the_notice)
+    try:
+        yield
+    finally:
+        ray_logger.removeFilter(not_the_notice)
+
+
 def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     """Connect to (``address`` / config / $RAY_ADDRESS) or start a local Ray; True if we started it."""
     import ray
@@ -111,8 +127,9 @@ def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     if remote:
         ray.init(address=remote, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        ray.init(num_cpus=sweep.file.ray.num_cpus, num_gpus=sweep.file.ray.num_gpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        with _without_token_auth_notice():
+            ray.init(num_cpus=sweep.file.ray.num_cpus, num_gpus=sweep.file.ray.num_gpus, include_dashboard=False,
+                     logging_level=logging.WARNING)
     return True
 
 

@@ -335,3 +335,37 @@ def test_unschedulable_trials_are_refused(tmp_path, ray_local, clean_env, capsys
     rc, sweep_dir, _ = _sweep(tmp_path, cfg, "toobig")
     assert rc == 2 and "resources" in capsys.readouterr().err
     assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+_START_LOCAL_RAY = """
+import sys
+sys.path.insert(0, {repo!r})
+import ray
+from ray._raylet import AuthenticationMode, get_authentication_mode  # what Ray uses (private, test only)
+from search.config import validate_sweep
+from search.runner import init_ray
+sweep = validate_sweep({config!r}, source="<test>", deep=False)
+assert init_ray(sweep)
+mode = get_authentication_mode()
+print("auth mode:", {{AuthenticationMode.TOKEN: "TOKEN", AuthenticationMode.DISABLED: "DISABLED"}}.get(mode, mode))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "TOKEN"), ("disabled", "DISABLED")])
+def test_local_ray_starts_with_token_auth_and_no_warning(tmp_path, preset, expected):
+    """Ray 2.60 enables token authentication for a new local cluster and says so with a WARNING on every sweep;
+    losstune drops that notice only: auth still on. A user's RAY_AUTH_MODE=disabled is respected."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = {**SMOKE, "results_dir": str(tmp_path), "ray": {"num_cpus": 1, "num_gpus": 0}}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    if preset:
+        env["RAY_AUTH_MODE"] = preset
+    proc = subprocess.run([sys.executable, "-c", _START_LOCAL_RAY.format(repo=str(REPO), config=cfg)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"auth mode: {expected}" in proc.stdout
+    assert "Token authentication is" not in proc.stdout + proc.stderr
