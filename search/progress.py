@@ -87,19 +87,27 @@ class SweepStatus(tune.Callback):
         self._last_key: Any = None
         self._best: tuple[float, str] | None = None
         self._ended_times: dict[str, float] = {}
+        self._live: set[str] = set()       # trials this process saw running
+        self._completed: set[str] = set()  # ... and that Tune then completed (ended, stopped or failed)
         self.lines = 0
 
     # ----- hooks ----------------------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._live.add(trial.trial_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._live.add(trial.trial_id)
         score = result.get("composite")
         if isinstance(score, (int, float)) and math.isfinite(score) and float(result.get("diverged") or 0) < 1:
             if self._best is None or score > self._best[0]:
                 self._best = (float(score), trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._completed.add(trial.trial_id)
         self._ended(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._completed.add(trial.trial_id)
         self._ended(trial)
 
     def on_step_end(self, iteration, trials, **info):
@@ -127,9 +135,13 @@ class SweepStatus(tune.Callback):
             self._ended_times[trial.trial_id] = float(t)
 
     def counts(self, trials: Iterable[Any]) -> dict[str, int]:
-        counts = dict.fromkeys(("running", "pending", "finished", "stopped", "diverged", "failed"), 0)
+        counts = dict.fromkeys(("running", "pending", "finished", "stopped", "diverged", "failed", "interrupted"), 0)
         for t in trials:
-            counts[classify(t, self.max_epochs)] += 1
+            kind = classify(t, self.max_epochs)
+            # Ctrl-C: Tune terminates the running trials without completing them (--resume continues them)
+            if kind in ("finished", "stopped") and t.trial_id in self._live and t.trial_id not in self._completed:
+                kind = "interrupted"
+            counts[kind] += 1
         return counts
 
     def eta(self, trials: list, counts: dict[str, int]) -> float | None:
@@ -167,7 +179,8 @@ class SweepStatus(tune.Callback):
         c = self.counts(trials)
         ended = c["finished"] + c["stopped"] + c["diverged"] + c["failed"]
         parts = [f"{ended}/{self.total} done ({c['finished']} finished, {c['stopped']} stopped, "
-                 f"{c['diverged']} diverged" + (f", {c['failed']} failed" if c["failed"] else "") + ")"]
+                 f"{c['diverged']} diverged" + (f", {c['failed']} failed" if c["failed"] else "")
+                 + (f", {c['interrupted']} interrupted" if c["interrupted"] else "") + ")"]
         if not final:
             parts.append(f"{c['running']} running" + (f", {c['pending']} pending" if c["pending"] else ""))
         if self._best is not None:

@@ -98,19 +98,25 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def _without_token_auth_notice():
-    """Ray 2.60 turns token authentication on for every new local cluster (good: README, Security) and
-    says so with a WARNING on every sweep, which reads like something went wrong. Only that notice is
-    dropped; "token authentication is disabled" (RAY_AUTH_MODE=disabled) still shows."""
+def _without_ray_notice(logger_name: str, prefix: str):
+    """Drop one of Ray's log messages (those starting with ``prefix``) while the block runs."""
     def not_the_notice(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled")
+        return not record.getMessage().startswith(prefix)
 
-    ray_logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    ray_logger = logging.getLogger(logger_name)
     ray_logger.addFilter(not_the_notice)
     try:
         yield
     finally:
         ray_logger.removeFilter(not_the_notice)
+
+
+# Ray 2.60 turns token authentication on for every new local cluster (good: README, Security) and says so
+# with a WARNING on every sweep, which reads like something went wrong; "token authentication is disabled"
+# (RAY_AUTH_MODE=disabled) still shows
+_TOKEN_AUTH_NOTICE = ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled")
+# after Ctrl-C Tune says to resume with Tuner.restore(...); losstune prints its own --resume command instead
+_TUNE_RESTORE_HINT = ("ray.tune.tune", "Experiment has been interrupted")
 
 
 def init_ray(sweep: Sweep, address: str | None = None) -> bool:
@@ -127,7 +133,7 @@ def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     if remote:
         ray.init(address=remote, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        with _without_token_auth_notice():
+        with _without_ray_notice(*_TOKEN_AUTH_NOTICE):
             ray.init(num_cpus=sweep.file.ray.num_cpus, num_gpus=sweep.file.ray.num_gpus, include_dashboard=False,
                      logging_level=logging.WARNING)
     return True
@@ -476,7 +482,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
         f"{sweep.search.sampler} sampler, {sweep.scheduler.type} scheduler, objective {sweep.objective.type}; "
         f"results in {sweep_dir}")
     t0 = time.perf_counter()
-    with _no_tensorboard_logger():
+    with _no_tensorboard_logger(), _without_ray_notice(*_TUNE_RESTORE_HINT):
         grid = tuner.fit()
     out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")
     return grid, callback

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -389,6 +390,53 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_st
     shown = [(t.number, t.user_attrs.get("tune_trial_id"), t.state) for t in study.trials]
     assert all(states.get(t) == optuna.trial.TrialState.COMPLETE for t in table["trial_id"]), shown
     assert all(s == optuna.trial.TrialState.FAIL for t, s in states.items() if t not in set(table["trial_id"])), shown
+
+
+def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the whole process group (the driver and the local Ray it started).
+    The sweep stops within seconds, says how to continue (losstune's --resume, not Tune's Tuner.restore),
+    no trial process crashes on the way out, and --resume finishes the planned trials."""
+    import optuna
+
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    n = 3
+    path = _write(tmp_path, _config("ctrlc", pid_dir, epochs=3, num_samples=n, max_concurrent=2, step_sleep=0.15))
+    res, sweep_dir = tmp_path / "res", tmp_path / "res" / "ctrlc"
+    args = _losstune() + ["sweep", str(path), "--results-dir", str(res),
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
+                                start_new_session=True)  # its own process group, as a terminal's job
+    try:
+        # a trial has reported its first epoch and is training its second
+        _wait(lambda: any(_iterations(d) for d in sweep_dir.glob("trial_*")), 150, "a first result", proc, log)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    out = log.read_text()
+    assert proc.returncode == 1, out[-4000:]  # the sweep did not finish
+    assert "continue it with: losstune sweep" in out and "--resume" in out, out[-4000:]
+    assert "Tuner.restore" not in out
+    assert re.search(r"\d/3 done \([^)]*, [12] interrupted\)", out), out[-4000:]  # the status line: not done
+    for crash in ("SIGABRT", "Fatal Python error", "Traceback"):
+        assert crash not in out, out[-6000:]
+    assert json.loads((sweep_dir / "sweep.json").read_text())["status"] != "finished"
+
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                             timeout=240)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+    from search.trials import load_results
+    results = load_results(sweep_dir)
+    assert len(results.table) == n and set(results.table["status"]) == {"finished"}, results.table
+    assert (sweep_dir / "best.yaml").is_file()
+    study = optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * n
 
 
 @pytest.mark.parametrize("storage", ["local", "uri"])
