@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 bad input (config, paths, unreachable tracking server; nothi
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's, else $MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", help="MLflow experiment (default: the sweep's, else losstune)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training in --out from its last saved epoch (same config)")
 
     p = sub.add_parser("report", help="write an HTML report of a sweep (figures, leaderboard) and log it to MLflow")
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
@@ -121,17 +124,26 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from search.final import FinalInputError, run_final
+    from search.final import FinalInputError, FinalInterrupted, run_final
     if not Path(args.config).is_file():
         _err(f"{args.config}: no such file")
         return EXIT_INPUT
     try:
         outcome = run_final(args.config, epochs=args.epochs, device=args.device, out=args.out,
                             tracking_uri=args.tracking_uri, experiment=args.experiment,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, resume=args.resume)
     except FinalInputError as err:
         _err(str(err))
         return EXIT_INPUT
+    except FinalInterrupted as stop:
+        again = ["losstune", "train", args.config, "--out", str(stop.out_dir)]
+        for flag, value in (("--epochs", args.epochs), ("--device", args.device),
+                            ("--tracking-uri", args.tracking_uri), ("--experiment", args.experiment)):
+            if value is not None:
+                again += [flag, str(value)]
+        print(f"[losstune] interrupted after epoch {stop.epoch}/{stop.epochs}; the state is saved in {stop.out_dir}")
+        print(f"[losstune] continue it with: {shlex.join(again)} --resume")
+        return 130
     except Exception as err:  # noqa: BLE001 - a runtime failure of the training itself
         _err(f"training failed: {type(err).__name__}: {err}")
         return EXIT_RUNTIME

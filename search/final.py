@@ -5,12 +5,21 @@ is logged to MLflow tagged ``losstune.final=true`` and, when the provenance name
 run, nested under it (``mlflow.parentRunId``). Outputs (default ``<sweep folder>/final/`` for an
 exported config, else ``results/<name>/final/``): ``model.pt`` (state_dict + config + metrics) and
 ``config.yaml``.
+
+The final training is the long one, so it is resumable: after every epoch the full training state goes to
+``<out>/state.pt`` (atomically) and ``<out>/train.json`` says how far it got. Ctrl-C (or a kill) loses at
+most the epoch in progress; ``losstune train CONFIG --resume`` continues from the last saved epoch, in the
+same MLflow run. ``state.pt`` is removed when the training ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import math
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,12 +28,65 @@ import yaml
 
 from search.config import SweepConfigError, check_tracking_uri, read_yaml, resolve_tracking_uri
 from search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
-                             param_value)
+                             param_value, write_json_atomic)
 from trainables.config import ConfigError, TrainConfig, parse_train_config
+from trainables.loop import STATE_FILE, TrainingStopped
+
+PROGRESS_FILE = "train.json"
+ENDED = ("finished", "diverged")
+# settings a resumed training may change: where it runs, not what it trains
+RESUME_MAY_CHANGE = ("device", "num_threads")
 
 
 class FinalInputError(ValueError):
     """Bad input for ``losstune train`` (exit code 2)."""
+
+
+class FinalInterrupted(Exception):
+    """Ctrl-C during ``losstune train``: the state of the last finished epoch is saved for ``--resume``."""
+
+    def __init__(self, epoch: int, epochs: int, out_dir: Path):
+        super().__init__(f"interrupted after epoch {epoch}/{epochs}")
+        self.epoch, self.epochs, self.out_dir = epoch, epochs, out_dir
+
+
+def read_progress(out_dir: Path) -> dict[str, Any]:
+    """``<out>/train.json``: status, epoch, epochs, config, mlflow_run_id of the last training there ({} if none)."""
+    try:
+        return json.loads((out_dir / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _resumable(out_dir: Path, progress: Mapping[str, Any]) -> bool:
+    return bool(progress) and progress.get("status") not in ENDED and (out_dir / STATE_FILE).is_file()
+
+
+def _check_resume(out_dir: Path, progress: Mapping[str, Any], config: TrainConfig, resume: bool) -> None:
+    """Refuse to resume nothing, to resume another config, and to start over an unfinished training."""
+    if not resume:
+        if _resumable(out_dir, progress):
+            raise FinalInputError(
+                f"{out_dir} holds an unfinished training (epoch {progress.get('epoch')}/{progress.get('epochs')}, "
+                f"{progress.get('status')}): continue it with --resume, or choose another --out")
+        return
+    if not _resumable(out_dir, progress):
+        what = f"the training there is {progress['status']}" if progress.get("status") in ENDED else \
+            f"no saved training state ({STATE_FILE})"
+        raise FinalInputError(f"--resume: nothing to resume in {out_dir}: {what}")
+    saved, now = dict(progress.get("config") or {}), json.loads(json.dumps(config.model_dump(), default=str))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+    if changed:
+        raise FinalInputError(f"--resume: the config differs from the one of the interrupted training in "
+                              f"{', '.join(changed)} (saved in {out_dir / PROGRESS_FILE}); only "
+                              f"{' and '.join(RESUME_MAY_CHANGE)} may change")
+
+
+def _write_progress(out_dir: Path, config: TrainConfig, status: str, epoch: int, run_id: str | None) -> None:
+    write_json_atomic(out_dir / PROGRESS_FILE, {
+        "status": status, "epoch": epoch, "epochs": config.epochs, "mlflow_run_id": run_id,
+        "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": json.loads(json.dumps(config.model_dump(), default=str))})
 
 
 @dataclass
@@ -79,7 +141,7 @@ def default_out_dir(path: Path, provenance: Mapping[str, Any]) -> Path:
 
 def run_final(path: str | Path, *, epochs: int | None = None, device: str | None = None,
               out: str | Path | None = None, tracking_uri: str | None = None, experiment: str | None = None,
-              progress: bool = True, echo: Callable[[str], None] = print) -> FinalOutcome:
+              progress: bool = True, resume: bool = False, echo: Callable[[str], None] = print) -> FinalOutcome:
     import torch
     from tqdm import tqdm
 
@@ -101,14 +163,30 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FinalInputError(f"--out: cannot create {out_dir}: {err}") from None
+    saved = read_progress(out_dir)
+    _check_resume(out_dir, saved, config, resume)
 
-    client, run_id = _start_run(uri, experiment or prov_mlflow.get("experiment") or "losstune", config,
-                                provenance, path, echo)
     trainer = Trainer(config)
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=config.epochs, desc=f"train {config.task}", unit="epoch", disable=not progress)
+    if resume:
+        try:
+            trainer.load(out_dir)
+        except Exception as err:  # noqa: BLE001 - a damaged or foreign state file
+            raise FinalInputError(f"--resume: cannot load {out_dir / STATE_FILE}: {type(err).__name__}: {err}") from None
+    experiment = experiment or prov_mlflow.get("experiment") or "losstune"
+    client, run_id = (_reopen_run(uri, saved.get("mlflow_run_id"), trainer.history, echo) if resume else (None, None))
+    if run_id is None:
+        client, run_id = _start_run(uri, experiment, config, provenance, path, echo)
+    history: list[dict[str, float]] = list(trainer.history)
+    saved_epoch = trainer.epoch
+    _write_progress(out_dir, config, "running", saved_epoch, run_id)
+    bar = tqdm(total=config.epochs, initial=trainer.epoch, desc=f"train {config.task}", unit="epoch",
+               disable=not progress)
 
     def on_epoch(report) -> None:
+        nonlocal saved_epoch
+        report.trainer.save(out_dir)  # first the state, so a logged epoch is always one --resume starts after
+        saved_epoch = report.epoch
+        _write_progress(out_dir, config, "running", saved_epoch, run_id)
         history.append(report.metrics)
         bar.update(1)
         bar.set_postfix({k: f"{report.metrics[k]:.4g}" for k in ("loss", "composite", "ssim")
@@ -117,9 +195,20 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
             _log_epoch(client, run_id, report.epoch, report.metrics, echo)
 
     try:
-        result = trainer.fit(on_epoch)
+        with _ctrl_c_stops() as stop:
+            result = trainer.fit(on_epoch, stop=stop)
+    except (KeyboardInterrupt, TrainingStopped):
+        bar.close()
+        _write_progress(out_dir, config, "interrupted", saved_epoch, run_id)
+        if client is not None:
+            def killed() -> None:
+                client.set_tag(run_id, "losstune.status", "interrupted")
+                client.set_terminated(run_id, status="KILLED")
+            best_effort(killed, echo)
+        raise FinalInterrupted(saved_epoch, config.epochs, out_dir) from None
     except BaseException:
         bar.close()
+        _write_progress(out_dir, config, "failed", saved_epoch, run_id)
         if client is not None:
             best_effort(lambda: client.set_terminated(run_id, status="FAILED"), echo)
         raise
@@ -135,6 +224,8 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
     torch.save({"state_dict": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
                 "config": config.model_dump(), "metrics": result.metrics, "status": result.status,
                 "provenance": final_provenance}, model_path)
+    _write_progress(out_dir, config, result.status, result.epochs_completed, run_id)
+    (out_dir / STATE_FILE).unlink(missing_ok=True)  # the model is saved; the optimiser state is not needed
     if client is not None:
         def finish() -> None:
             client.log_artifact(run_id, str(config_path))
@@ -174,6 +265,50 @@ def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mappi
         return client, run_id
     except Exception as err:  # noqa: BLE001
         echo(f"[losstune] warning: MLflow run not created ({type(err).__name__}: {err}); training anyway")
+        return None, None
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops():
+    """The first Ctrl-C stops the training before its next step (not inside a state save or an MLflow write,
+    whose SQL connection a KeyboardInterrupt can leave half-done); a second one interrupts at once.
+    Only in the main thread (signal handlers live there); elsewhere Ctrl-C is a plain KeyboardInterrupt."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _reopen_run(uri: str, run_id: str | None, history: list[Mapping[str, Any]], echo: Callable[[str], None]):
+    """The interrupted training's MLflow run, running again, with any epoch of ``history`` it is missing
+    (the state is saved before an epoch is logged); (None, None) when it cannot be reopened."""
+    if not run_id:
+        return None, None
+    from search.tracking import _client
+    try:
+        client = _client(uri)
+        client.get_run(run_id)
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "losstune.status", "running")
+        logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
+        for epoch, metrics in enumerate(history, start=1):
+            if epoch not in logged:
+                _log_epoch(client, run_id, epoch, metrics, echo)
+        return client, run_id
+    except Exception as err:  # noqa: BLE001
+        echo(f"[losstune] warning: MLflow run {run_id} of the interrupted training cannot be reopened "
+             f"({type(err).__name__}: {err}); logging to a new run")
         return None, None
 
 
