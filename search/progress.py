@@ -138,8 +138,10 @@ class SweepStatus(tune.Callback):
         counts = dict.fromkeys(("running", "pending", "finished", "stopped", "diverged", "failed", "interrupted"), 0)
         for t in trials:
             kind = classify(t, self.max_epochs)
-            # Ctrl-C: Tune terminates the running trials without completing them (--resume continues them)
-            if kind in ("finished", "stopped") and t.trial_id in self._live and t.trial_id not in self._completed:
+            # Ctrl-C: Tune terminates the running (or starting) trials without completing them; --resume
+            # continues them. A trial completed in an earlier run of the sweep was never seen running here.
+            if kind in ("finished", "stopped") and t.trial_id not in self._completed and (
+                    t.trial_id in self._live or not (getattr(t, "last_result", None) or {}).get("training_iteration")):
                 kind = "interrupted"
             counts[kind] += 1
         return counts

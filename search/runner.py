@@ -98,25 +98,36 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def _without_ray_notice(logger_name: str, prefix: str):
-    """Drop one of Ray's log messages (those starting with ``prefix``) while the block runs."""
-    def not_the_notice(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(prefix)
-
-    ray_logger = logging.getLogger(logger_name)
-    ray_logger.addFilter(not_the_notice)
+def _without_ray_notices(*notices: tuple[str, Callable[[str], bool]]):
+    """Drop some of Ray's log messages while the block runs: (logger name, is-the-notice(message)) pairs."""
+    filters = []
+    for logger_name, is_notice in notices:
+        def keep(record: logging.LogRecord, is_notice=is_notice) -> bool:
+            return not is_notice(record.getMessage())
+        logging.getLogger(logger_name).addFilter(keep)
+        filters.append((logger_name, keep))
     try:
         yield
     finally:
-        ray_logger.removeFilter(not_the_notice)
+        for logger_name, keep in filters:
+            logging.getLogger(logger_name).removeFilter(keep)
+
+
+def _only_trials_without_results(message: str) -> bool:
+    lines = message.splitlines()
+    return lines[0].startswith("Failed to fetch metrics") and all("were not found at" in x for x in lines[1:])
 
 
 # Ray 2.60 turns token authentication on for every new local cluster (good: README, Security) and says so
 # with a WARNING on every sweep, which reads like something went wrong; "token authentication is disabled"
 # (RAY_AUTH_MODE=disabled) still shows
-_TOKEN_AUTH_NOTICE = ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled")
+_TOKEN_AUTH_NOTICE = ("ray._private.authentication.authentication_token_setup",
+                      lambda m: m.startswith("Token authentication is enabled"))
 # after Ctrl-C Tune says to resume with Tuner.restore(...); losstune prints its own --resume command instead
-_TUNE_RESTORE_HINT = ("ray.tune.tune", "Experiment has been interrupted")
+_TUNE_RESTORE_HINT = ("ray.tune.tune", lambda m: m.startswith("Experiment has been interrupted"))
+# a Ctrl-C before a trial's first result: Tune warns it has no results (losstune's summary says so); other
+# failures to read a trial's results (a damaged file) still show
+_NO_RESULTS_YET = ("ray.tune.analysis.experiment_analysis", _only_trials_without_results)
 
 
 def init_ray(sweep: Sweep, address: str | None = None) -> bool:
@@ -133,7 +144,7 @@ def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     if remote:
         ray.init(address=remote, logging_level=logging.WARNING, log_to_driver=True)
     else:
-        with _without_ray_notice(*_TOKEN_AUTH_NOTICE):
+        with _without_ray_notices(_TOKEN_AUTH_NOTICE):
             ray.init(num_cpus=sweep.file.ray.num_cpus, num_gpus=sweep.file.ray.num_gpus, include_dashboard=False,
                      logging_level=logging.WARNING)
     return True
@@ -482,7 +493,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
         f"{sweep.search.sampler} sampler, {sweep.scheduler.type} scheduler, objective {sweep.objective.type}; "
         f"results in {sweep_dir}")
     t0 = time.perf_counter()
-    with _no_tensorboard_logger(), _without_ray_notice(*_TUNE_RESTORE_HINT):
+    with _no_tensorboard_logger(), _without_ray_notices(_TUNE_RESTORE_HINT, _NO_RESULTS_YET):
         grid = tuner.fit()
     out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")
     return grid, callback
@@ -579,7 +590,7 @@ def _finish_parent(tracker: SweepTracker, results: SweepResults | None, outcome:
 def _print_summary(results: SweepResults, exported: list[Path], out: Callable[[str], None]) -> None:
     ranked = results.ranked()
     counts = results.table["status"].value_counts().to_dict()
-    out("[losstune] trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    out("[losstune] trials: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none has a result yet"))
     if not ranked.empty:
         out("[losstune] top trials:\n" + format_table(ranked, max_rows=10))
     if results.objective_metrics() != {"composite": "max"}:

@@ -392,16 +392,21 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_st
     assert all(s == optuna.trial.TrialState.FAIL for t, s in states.items() if t not in set(table["trial_id"])), shown
 
 
-def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
+@pytest.mark.parametrize("when", ["after_a_result", "before_any_result"])
+def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path, when):
     """Ctrl-C in a terminal: SIGINT to the whole process group (the driver and the local Ray it started).
     The sweep stops within seconds, says how to continue (losstune's --resume, not Tune's Tuner.restore),
-    no trial process crashes on the way out, and --resume finishes the planned trials."""
+    no trial process crashes on the way out, and --resume finishes the planned trials.
+    ``before_any_result``: both trials wait in their first step (no result, no checkpoint) when it lands."""
     import optuna
 
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     n = 3
-    path = _write(tmp_path, _config("ctrlc", pid_dir, epochs=3, num_samples=n, max_concurrent=2, step_sleep=0.15))
+    cfg = _config("ctrlc", pid_dir, epochs=3, num_samples=n, max_concurrent=2, step_sleep=0.15)
+    if when == "before_any_result":
+        cfg["train"]["data"]["hold_after"] = 0
+    path = _write(tmp_path, cfg)
     res, sweep_dir = tmp_path / "res", tmp_path / "res" / "ctrlc"
     args = _losstune() + ["sweep", str(path), "--results-dir", str(res),
                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
@@ -410,9 +415,11 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path,
                                 start_new_session=True)  # its own process group, as a terminal's job
     try:
-        # a trial has reported its first epoch and is training its second
-        _wait(lambda: any(_iterations(d) for d in sweep_dir.glob("trial_*")), 150, "a first result", proc, log)
-        time.sleep(0.5)
+        if when == "after_a_result":  # a trial has reported its first epoch and is training its second
+            _wait(lambda: any(_iterations(d) for d in sweep_dir.glob("trial_*")), 150, "a first result", proc, log)
+            time.sleep(0.5)
+        else:
+            _wait(lambda: len(_pid_files(pid_dir)) == 2, 150, "two trials in their first step", proc, log)
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(60)
     finally:
@@ -424,6 +431,10 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
     assert "continue it with: losstune sweep" in out and "--resume" in out, out[-4000:]
     assert "Tuner.restore" not in out
     assert re.search(r"\d/3 done \([^)]*, [12] interrupted\)", out), out[-4000:]  # the status line: not done
+    if when == "before_any_result":
+        assert "0/3 done (0 finished, 0 stopped, 0 diverged, 2 interrupted)" in out, out[-4000:]
+        assert "trials: 2 interrupted" in out and "Failed to fetch metrics" not in out, out[-4000:]
+        (pid_dir / "release").touch()
     for crash in ("SIGABRT", "Fatal Python error", "Traceback"):
         assert crash not in out, out[-6000:]
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] != "finished"

@@ -303,15 +303,16 @@ def test_status_line_counts_trials_interrupted_by_ctrl_c():
     cb = SweepStatus(total=4, max_epochs=4, max_concurrent=2, interval=0.0001, out=lines.append)
     restored = _trial("a", "TERMINATED", 4, 0.5, 10.0)
     stopped, cut = _trial("b", "RUNNING", 1, 0.4, 2.0), _trial("c", "RUNNING", 2, 0.6, 5.0)
-    trials = [restored, stopped, cut, _trial("d", "PENDING")]
+    never = _trial("e", "PENDING")  # still starting: no result yet
+    trials = [restored, stopped, cut, _trial("d", "PENDING"), never]
     for t in (stopped, cut):
         cb.on_trial_start(0, trials, t)
         cb.on_trial_result(0, trials, t, t.last_result)
     stopped.status = "TERMINATED"  # ASHA: completed, then terminated
     cb.on_trial_complete(0, trials, stopped)
-    cut.status = "TERMINATED"  # Ctrl-C: terminated, never completed
+    cut.status = never.status = "TERMINATED"  # Ctrl-C: terminated, never completed
     cb.on_experiment_end(trials)
-    assert "2/4 done (1 finished, 1 stopped, 0 diverged, 1 interrupted)" in lines[-1], lines[-1]
+    assert "2/4 done (1 finished, 1 stopped, 0 diverged, 2 interrupted)" in lines[-1], lines[-1]
 
 
 def test_status_line_before_any_trial_ended():

@@ -369,3 +369,29 @@ def test_local_ray_starts_with_token_auth_and_no_warning(tmp_path, preset, expec
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"auth mode: {expected}" in proc.stdout
     assert "Token authentication is" not in proc.stdout + proc.stderr
+
+
+def test_only_tunes_no_results_yet_warning_is_dropped():
+    """Ctrl-C while the trials' processes still start: Tune warns that it found no results for them (losstune's
+    summary says so); a trial whose results cannot be read for another reason still gets the warning."""
+    import logging
+
+    from search.runner import _NO_RESULTS_YET, _without_ray_notices
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    tune_logger = logging.getLogger(_NO_RESULTS_YET[0])
+    tune_logger.addHandler(handler)
+    missing = ("- losstune_trial_{0}: FileNotFoundError('Could not fetch metrics for losstune_trial_{0}: both "
+               "result.json and progress.csv were not found at /r/trial_{0}')")
+    try:
+        with _without_ray_notices(_NO_RESULTS_YET):
+            tune_logger.warning("Failed to fetch metrics for 2 trial(s):\n" + missing.format("a") + "\n"
+                                + missing.format("b"))
+            tune_logger.warning("Failed to fetch metrics for 2 trial(s):\n" + missing.format("a")
+                                + "\n- losstune_trial_c: JSONDecodeError('Expecting value: line 3')")
+        tune_logger.warning("Failed to fetch metrics for 1 trial(s):\n" + missing.format("a"))  # after the block
+    finally:
+        tune_logger.removeHandler(handler)
+    assert len(seen) == 2 and "JSONDecodeError" in seen[0] and seen[1].startswith("Failed to fetch metrics for 1")
