@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +219,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     watchdog = start_watchdog() if started_ray else None
     try:
         _check_resources(sweep, address, out)
-        return _run_started(sweep, sweep_dir, info, resume, uri, tracking, out, flush_timeout)
+        with _remember_ctrl_c() as ctrl_c:
+            return _run_started(sweep, sweep_dir, info, resume, uri, tracking, out, flush_timeout, ctrl_c)
     finally:
         if started_ray:
             import ray
@@ -301,8 +304,31 @@ def _check_resources(sweep: Sweep, address: str | None, out: Callable[[str], Non
         raise SweepInputError(msg)
 
 
+@contextlib.contextmanager
+def _remember_ctrl_c():
+    """Until Tune takes SIGINT over (during ``fit``): Ctrl-C raises KeyboardInterrupt as usual and is also
+    remembered, because Python swallows a KeyboardInterrupt raised inside a finalizer ("Exception ignored
+    in ..."), which happened here during the sweep's set-up: the sweep then ran on as if nothing was pressed."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_ctrl_c(signum, frame) -> None:
+        requested.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bool, uri: str | None,
-                 tracking: bool, out: Callable[[str], None], flush_timeout: float | None) -> SweepOutcome:
+                 tracking: bool, out: Callable[[str], None], flush_timeout: float | None,
+                 ctrl_c: threading.Event | None = None) -> SweepOutcome:
     created = False
     tracker: SweepTracker | None = None
     try:
@@ -342,16 +368,20 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
             tracker.log_text(json.dumps({"params": sp.describe(sweep.params), "fixed": sweep.fixed,
                                          "points_to_evaluate": sweep.points}, indent=1, default=str),
                              "search_space.json")
+        if ctrl_c is not None and ctrl_c.is_set():  # pressed during the set-up, but swallowed on the way
+            raise KeyboardInterrupt
     except SweepInputError:
         raise
-    except Exception as err:
+    except (Exception, KeyboardInterrupt) as err:  # nothing ran: a new sweep leaves no folder behind
         if created:
             shutil.rmtree(sweep_dir, ignore_errors=True)
         if tracker is not None and tracker.run_id:
             try:
-                tracker.finish("FAILED")
+                tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             except Exception:  # noqa: BLE001
                 pass
+        if isinstance(err, KeyboardInterrupt):
+            raise
         raise SweepRuntimeError(f"cannot set up the sweep: {type(err).__name__}: {err}") from err
 
     status = "failed"

@@ -395,3 +395,36 @@ def test_only_tunes_no_results_yet_warning_is_dropped():
     finally:
         tune_logger.removeHandler(handler)
     assert len(seen) == 2 and "JSONDecodeError" in seen[0] and seen[1].startswith("Failed to fetch metrics for 1")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, on purpose
+def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path, clean_env, mlflow_uri,
+                                                                        mlflow_runs):
+    """A KeyboardInterrupt raised inside a finalizer is swallowed by Python ("Exception ignored in ..."); seen
+    during the set-up of a sweep, which then ran on. The press is remembered, and a new sweep interrupted
+    before anything ran leaves no folder (the same command starts it again) and a KILLED parent run."""
+    import gc
+    import os
+    import signal
+    import threading
+
+    from search.config import validate_sweep
+    from search.runner import _remember_ctrl_c, _run_started
+
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler's KeyboardInterrupt lands in here: swallowed
+
+    with _remember_ctrl_c() as pressed:
+        Finalizer()
+        gc.collect()
+        assert pressed.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    cfg = {**SMOKE, "results_dir": str(tmp_path / "res"),
+           "mlflow": {"experiment": "setup-ctrl-c", "tracking_uri": mlflow_uri}}
+    sweep = validate_sweep(cfg, source="<test>", overrides={"results_dir": str(tmp_path / "res")}, deep=False)
+    with pytest.raises(KeyboardInterrupt):
+        _run_started(sweep, sweep.sweep_dir, {}, False, sweep.tracking_uri, True, lambda s: None, None, pressed)
+    assert not sweep.sweep_dir.exists()
+    assert [r.info.status for r in mlflow_runs(mlflow_uri, "setup-ctrl-c")] == ["KILLED"]
