@@ -211,22 +211,23 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         set_retry_defaults()
 
     quiet_ray()
-    try:
-        started_ray = init_ray(sweep, address)
-    except Exception as err:  # noqa: BLE001 - e.g. no cluster at the address
-        where = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
-        raise SweepInputError(f"Ray: cannot start or connect to {where}: {type(err).__name__}: {err}") from None
-    watchdog = start_watchdog() if started_ray else None
-    try:
-        _check_resources(sweep, address, out)
-        with _remember_ctrl_c() as ctrl_c:
+    with _remember_ctrl_c(out) as ctrl_c:  # a KeyboardInterrupt inside ray.init made the exit segfault here
+        try:
+            started_ray = init_ray(sweep, address)
+        except Exception as err:  # noqa: BLE001 - e.g. no cluster at the address
+            where = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
+            raise SweepInputError(f"Ray: cannot start or connect to {where}: {type(err).__name__}: {err}") from None
+        watchdog = start_watchdog() if started_ray else None
+        try:
+            _stop_if_requested(ctrl_c)
+            _check_resources(sweep, address, out)
             return _run_started(sweep, sweep_dir, info, resume, uri, tracking, out, flush_timeout, ctrl_c)
-    finally:
-        if started_ray:
-            import ray
-            ray.shutdown()
-        if watchdog is not None:
-            stop_watchdog(watchdog)
+        finally:
+            if started_ray:
+                import ray
+                ray.shutdown()
+            if watchdog is not None:
+                stop_watchdog(watchdog)
 
 
 # A local Ray started by the driver must not outlive it. Ray's head processes share the driver's fate,
@@ -305,10 +306,11 @@ def _check_resources(sweep: Sweep, address: str | None, out: Callable[[str], Non
 
 
 @contextlib.contextmanager
-def _remember_ctrl_c():
-    """Until Tune takes SIGINT over (during ``fit``): Ctrl-C raises KeyboardInterrupt as usual and is also
-    remembered, because Python swallows a KeyboardInterrupt raised inside a finalizer ("Exception ignored
-    in ..."), which happened here during the sweep's set-up: the sweep then ran on as if nothing was pressed."""
+def _remember_ctrl_c(out: Callable[[str], None] = print):
+    """Until Tune takes SIGINT over (in ``fit``), the first Ctrl-C is only remembered; the set-up checks it at
+    safe points (end of set-up, just before Tune starts). A KeyboardInterrupt raised at any point of the
+    set-up landed inside SQLAlchemy's finalizers here: Python swallowed it ("Exception ignored in ...") and
+    the sweep ran on, or it left a connection half-closed. A second Ctrl-C interrupts at once."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -317,13 +319,19 @@ def _remember_ctrl_c():
 
     def on_ctrl_c(signum, frame) -> None:
         requested.set()
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, previous)
+        out("[losstune] Ctrl-C: stopping before the sweep starts (press it again to stop at once)")
 
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         yield requested
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _stop_if_requested(ctrl_c: threading.Event | None) -> None:
+    if ctrl_c is not None and ctrl_c.is_set():
+        raise KeyboardInterrupt
 
 
 def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bool, uri: str | None,
@@ -368,8 +376,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
             tracker.log_text(json.dumps({"params": sp.describe(sweep.params), "fixed": sweep.fixed,
                                          "points_to_evaluate": sweep.points}, indent=1, default=str),
                              "search_space.json")
-        if ctrl_c is not None and ctrl_c.is_set():  # pressed during the set-up, but swallowed on the way
-            raise KeyboardInterrupt
+        _stop_if_requested(ctrl_c)
     except SweepInputError:
         raise
     except (Exception, KeyboardInterrupt) as err:  # nothing ran: a new sweep leaves no folder behind
@@ -388,7 +395,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
     callback: TrackingCallback | None = None
     grid = None
     try:
-        grid, callback = _fit(sweep, sweep_dir, tune_dir, info, resume, uri, flush_timeout, out)
+        grid, callback = _fit(sweep, sweep_dir, tune_dir, info, resume, uri, flush_timeout, out, ctrl_c)
     except KeyboardInterrupt:
         out("[losstune] interrupted")
     except TuneStateDamaged as err:  # nothing ran: the sweep stays as the killed run left it
@@ -468,7 +475,7 @@ def _ray_session_root() -> Path | None:
 
 
 def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool, uri: str | None,
-         flush_timeout: float | None, out: Callable[[str], None]):
+         flush_timeout: float | None, out: Callable[[str], None], ctrl_c: threading.Event | None = None):
     from ray import tune
 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -523,6 +530,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
         f"{sweep.search.sampler} sampler, {sweep.scheduler.type} scheduler, objective {sweep.objective.type}; "
         f"results in {sweep_dir}")
     t0 = time.perf_counter()
+    _stop_if_requested(ctrl_c)  # from here on Tune handles Ctrl-C (and saves its state)
     with _no_tensorboard_logger(), _without_ray_notices(_TUNE_RESTORE_HINT, _NO_RESULTS_YET):
         grid = tuner.fit()
     out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")

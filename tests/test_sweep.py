@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import optuna
@@ -397,28 +398,29 @@ def test_only_tunes_no_results_yet_warning_is_dropped():
     assert len(seen) == 2 and "JSONDecodeError" in seen[0] and seen[1].startswith("Failed to fetch metrics for 1")
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, on purpose
 def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path, clean_env, mlflow_uri,
                                                                         mlflow_runs):
-    """A KeyboardInterrupt raised inside a finalizer is swallowed by Python ("Exception ignored in ..."); seen
-    during the set-up of a sweep, which then ran on. The press is remembered, and a new sweep interrupted
-    before anything ran leaves no folder (the same command starts it again) and a KILLED parent run."""
-    import gc
+    """Before Tune takes Ctrl-C over, a KeyboardInterrupt raised anywhere landed in SQLAlchemy's finalizers,
+    where Python swallows it (the sweep then ran on). Now the first Ctrl-C is remembered (and the next one
+    interrupts at once); a new sweep stopped at the end of its set-up leaves no folder (the same command
+    starts it again) and a KILLED parent run."""
     import os
     import signal
-    import threading
 
     from search.config import validate_sweep
     from search.runner import _remember_ctrl_c, _run_started
 
-    class Finalizer:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)  # the handler's KeyboardInterrupt lands in here: swallowed
-
-    with _remember_ctrl_c() as pressed:
-        Finalizer()
-        gc.collect()
-        assert pressed.is_set()
+    said = []
+    with _remember_ctrl_c(said.append) as pressed:
+        os.kill(os.getpid(), signal.SIGINT)  # first press: remembered, nothing raised
+        for _ in range(100):
+            if pressed.is_set():
+                break
+            time.sleep(0.01)
+        assert pressed.is_set() and "press it again to stop at once" in said[0]
+        with pytest.raises(KeyboardInterrupt):  # second press: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
     cfg = {**SMOKE, "results_dir": str(tmp_path / "res"),
