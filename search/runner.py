@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -211,7 +212,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         set_retry_defaults()
 
     quiet_ray()
-    with _remember_ctrl_c(out) as ctrl_c:  # a KeyboardInterrupt inside ray.init made the exit segfault here
+    with _remember_ctrl_c() as ctrl_c:  # a KeyboardInterrupt inside ray.init made the exit segfault here
         try:
             started_ray = init_ray(sweep, address)
         except Exception as err:  # noqa: BLE001 - e.g. no cluster at the address
@@ -306,7 +307,7 @@ def _check_resources(sweep: Sweep, address: str | None, out: Callable[[str], Non
 
 
 @contextlib.contextmanager
-def _remember_ctrl_c(out: Callable[[str], None] = print):
+def _remember_ctrl_c():
     """Until Tune takes SIGINT over (in ``fit``), the first Ctrl-C is only remembered; the set-up checks it at
     safe points (end of set-up, just before Tune starts). A KeyboardInterrupt raised at any point of the
     set-up landed inside SQLAlchemy's finalizers here: Python swallowed it ("Exception ignored in ...") and
@@ -320,7 +321,11 @@ def _remember_ctrl_c(out: Callable[[str], None] = print):
     def on_ctrl_c(signum, frame) -> None:
         requested.set()
         signal.signal(signal.SIGINT, previous)
-        out("[losstune] Ctrl-C: stopping before the sweep starts (press it again to stop at once)")
+        try:  # os.write: a print() here could re-enter a print the handler interrupted
+            os.write(sys.stderr.fileno(), b"[losstune] Ctrl-C: stopping at the next safe point "
+                                          b"(press it again to stop at once)\n")
+        except (OSError, ValueError, AttributeError):  # no real stderr (e.g. a notebook)
+            pass
 
     signal.signal(signal.SIGINT, on_ctrl_c)
     try:
