@@ -171,7 +171,8 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
         try:
             trainer.load(out_dir)
         except Exception as err:  # noqa: BLE001 - a damaged or foreign state file
-            raise FinalInputError(f"--resume: cannot load {out_dir / STATE_FILE}: {type(err).__name__}: {err}") from None
+            raise FinalInputError(f"--resume: cannot load {out_dir / STATE_FILE}: "
+                                  f"{type(err).__name__}: {err}") from None
     experiment = experiment or prov_mlflow.get("experiment") or "losstune"
     client, run_id = (_reopen_run(uri, saved.get("mlflow_run_id"), trainer.history, echo) if resume else (None, None))
     if run_id is None:
