@@ -14,12 +14,9 @@ same MLflow run. ``state.pt`` is removed when the training ends.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import math
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -27,6 +24,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from search.config import SweepConfigError, check_tracking_uri, read_yaml, resolve_tracking_uri
+from search.interrupts import first_ctrl_c_sets_event
 from search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
                              param_value, write_json_atomic)
 from trainables.config import ConfigError, TrainConfig, parse_train_config
@@ -74,7 +72,7 @@ def _check_resume(out_dir: Path, progress: Mapping[str, Any], config: TrainConfi
         what = f"the training there is {progress['status']}" if progress.get("status") in ENDED else \
             f"no saved training state ({STATE_FILE})"
         raise FinalInputError(f"--resume: nothing to resume in {out_dir}: {what}")
-    saved, now = dict(progress.get("config") or {}), json.loads(json.dumps(config.model_dump(), default=str))
+    saved, now = dict(progress.get("config") or {}), _config_record(config)
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
     if changed:
         raise FinalInputError(f"--resume: the config differs from the one of the interrupted training in "
@@ -82,11 +80,16 @@ def _check_resume(out_dir: Path, progress: Mapping[str, Any], config: TrainConfi
                               f"{' and '.join(RESUME_MAY_CHANGE)} may change")
 
 
+def _config_record(config: TrainConfig) -> dict[str, Any]:
+    """The config as train.json keeps it (JSON values), to compare a resumed training's with."""
+    return json.loads(json.dumps(config.model_dump(), default=str))
+
+
 def _write_progress(out_dir: Path, config: TrainConfig, status: str, epoch: int, run_id: str | None) -> None:
     write_json_atomic(out_dir / PROGRESS_FILE, {
         "status": status, "epoch": epoch, "epochs": config.epochs, "mlflow_run_id": run_id,
         "updated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": json.loads(json.dumps(config.model_dump(), default=str))})
+        "config": _config_record(config)})
 
 
 @dataclass
@@ -177,7 +180,6 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
     client, run_id = (_reopen_run(uri, saved.get("mlflow_run_id"), trainer.history, echo) if resume else (None, None))
     if run_id is None:
         client, run_id = _start_run(uri, experiment, config, provenance, path, echo)
-    history: list[dict[str, float]] = list(trainer.history)
     saved_epoch = trainer.epoch
     _write_progress(out_dir, config, "running", saved_epoch, run_id)
     bar = tqdm(total=config.epochs, initial=trainer.epoch, desc=f"train {config.task}", unit="epoch",
@@ -188,7 +190,6 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
         report.trainer.save(out_dir)  # first the state, so a logged epoch is always one --resume starts after
         saved_epoch = report.epoch
         _write_progress(out_dir, config, "running", saved_epoch, run_id)
-        history.append(report.metrics)
         bar.update(1)
         bar.set_postfix({k: f"{report.metrics[k]:.4g}" for k in ("loss", "composite", "ssim")
                          if isinstance(report.metrics.get(k), float)})
@@ -196,7 +197,8 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
             _log_epoch(client, run_id, report.epoch, report.metrics, echo)
 
     try:
-        with _ctrl_c_stops() as stop:
+        # the first Ctrl-C stops before the next step, never inside a state save or an MLflow write
+        with first_ctrl_c_sets_event() as stop:
             result = trainer.fit(on_epoch, stop=stop)
     except (KeyboardInterrupt, TrainingStopped):
         bar.close()
@@ -235,7 +237,7 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
             client.set_terminated(run_id, status="FINISHED" if result.status != "diverged" else "FAILED")
         best_effort(finish, echo)
     return FinalOutcome(result.status, out_dir, model_path, config_path,
-                        {k: v for k, v in result.metrics.items()}, run_id, history)
+                        {k: v for k, v in result.metrics.items()}, run_id, list(result.history))
 
 
 def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mapping[str, Any], path: Path,
@@ -267,28 +269,6 @@ def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mappi
     except Exception as err:  # noqa: BLE001
         echo(f"[losstune] warning: MLflow run not created ({type(err).__name__}: {err}); training anyway")
         return None, None
-
-
-@contextlib.contextmanager
-def _ctrl_c_stops():
-    """The first Ctrl-C stops the training before its next step (not inside a state save or an MLflow write,
-    whose SQL connection a KeyboardInterrupt can leave half-done); a second one interrupts at once.
-    Only in the main thread (signal handlers live there); elsewhere Ctrl-C is a plain KeyboardInterrupt."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_ctrl_c(signum, frame) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _reopen_run(uri: str, run_id: str | None, history: list[Mapping[str, Any]], echo: Callable[[str], None]):

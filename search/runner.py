@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ import yaml
 
 from search import space as sp
 from search.config import Sweep, SweepConfigError, load_sweep
+from search.interrupts import first_ctrl_c_sets_event
 from search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
 from search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
@@ -133,6 +132,9 @@ _TUNE_RESTORE_HINT = ("ray.tune.tune", lambda m: m.startswith("Experiment has be
 _NO_RESULTS_YET = ("ray.tune.analysis.experiment_analysis", _only_trials_without_results)
 
 
+CTRL_C_NOTICE = "[losstune] Ctrl-C: stopping at the next safe point (press it again to stop at once)"
+
+
 def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     """Connect to (``address`` / config / $RAY_ADDRESS) or start a local Ray; True if we started it."""
     import ray
@@ -212,7 +214,9 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         set_retry_defaults()
 
     quiet_ray()
-    with _remember_ctrl_c() as ctrl_c:  # a KeyboardInterrupt inside ray.init made the exit segfault here
+    # until Tune takes SIGINT over (in fit), the set-up stops at safe points: after Ray started, at the end of
+    # the set-up, just before Tune starts
+    with first_ctrl_c_sets_event(CTRL_C_NOTICE) as ctrl_c:
         try:
             started_ray = init_ray(sweep, address)
         except Exception as err:  # noqa: BLE001 - e.g. no cluster at the address
@@ -304,34 +308,6 @@ def _check_resources(sweep: Sweep, address: str | None, out: Callable[[str], Non
         out(f"[losstune] warning: {msg}; trials wait until the cluster grows")
     else:
         raise SweepInputError(msg)
-
-
-@contextlib.contextmanager
-def _remember_ctrl_c():
-    """Until Tune takes SIGINT over (in ``fit``), the first Ctrl-C is only remembered; the set-up checks it at
-    safe points (end of set-up, just before Tune starts). A KeyboardInterrupt raised at any point of the
-    set-up landed inside SQLAlchemy's finalizers here: Python swallowed it ("Exception ignored in ...") and
-    the sweep ran on, or it left a connection half-closed. A second Ctrl-C interrupts at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_ctrl_c(signum, frame) -> None:
-        requested.set()
-        signal.signal(signal.SIGINT, previous)
-        try:  # os.write: a print() here could re-enter a print the handler interrupted
-            os.write(sys.stderr.fileno(), b"[losstune] Ctrl-C: stopping at the next safe point "
-                                          b"(press it again to stop at once)\n")
-        except (OSError, ValueError, AttributeError):  # no real stderr (e.g. a notebook)
-            pass
-
-    signal.signal(signal.SIGINT, on_ctrl_c)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _stop_if_requested(ctrl_c: threading.Event | None) -> None:

@@ -145,7 +145,8 @@ class _PipelinedTrial:
     def __init__(self, trainer, node_id: str | None, report: Callable[..., None] | None = None):
         self.trainer, self.node_id = trainer, node_id
         self.report = report or tune.report  # (metrics, checkpoint=...) -> returns when Tune wants the next one
-        self.epochs: queue.Queue = queue.Queue()  # ("epoch", metrics, checkpoint dir | None) / ("done"|"error", ..)
+        # ("epoch", (metrics, captured artifacts), checkpoint dir | None) / ("done" | "error", ..., None)
+        self.epochs: queue.Queue = queue.Queue()
         self.free = threading.Semaphore(1)         # taken by a finished epoch until Tune has its report
         self.stop = threading.Event()
         self.helper: threading.Thread | None = None

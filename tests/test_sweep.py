@@ -408,9 +408,10 @@ def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path
     import signal
 
     from search.config import validate_sweep
-    from search.runner import _remember_ctrl_c, _run_started
+    from search.interrupts import first_ctrl_c_sets_event
+    from search.runner import CTRL_C_NOTICE, _run_started
 
-    with _remember_ctrl_c() as pressed:
+    with first_ctrl_c_sets_event(CTRL_C_NOTICE) as pressed:
         os.kill(os.getpid(), signal.SIGINT)  # first press: remembered, nothing raised
         for _ in range(100):
             if pressed.is_set():
