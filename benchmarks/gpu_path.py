@@ -42,7 +42,7 @@ def train_config(device: str, amp: str, quick: bool, dry: bool) -> dict[str, Any
 def measure_amp(device: str, quick: bool, dry: bool) -> list[dict[str, Any]]:
     import torch
 
-    from trainables.loop import Trainer
+    from losstune.trainables.loop import Trainer
 
     modes = ["off", "bf16", "fp16"]
     if device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -73,11 +73,11 @@ def measure_amp(device: str, quick: bool, dry: bool) -> list[dict[str, Any]]:
 def measure_packing(device: str, quick: bool, dry: bool, tmp: Path) -> list[dict[str, Any]]:
     import ray
 
-    from search.config import validate_sweep
-    from search.runner import run_sweep
-    from search.trials import load_results
-    from trainables.config import parse_train_config
-    from trainables.registry import get_task_factory
+    from losstune.search.config import validate_sweep
+    from losstune.search.runner import run_sweep
+    from losstune.search.trials import load_results
+    from losstune.trainables.config import parse_train_config
+    from losstune.trainables.registry import get_task_factory
 
     out = []
     for k in (1, 2) if (quick or dry) else (1, 2, 4):

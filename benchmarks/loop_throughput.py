@@ -43,8 +43,8 @@ class PlainLoop:
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from trainables.config import parse_train_config
-        from trainables.registry import get_task_factory
+        from losstune.trainables.config import parse_train_config
+        from losstune.trainables.registry import get_task_factory
 
         cfg = parse_train_config(config)
         torch.manual_seed(cfg.seed)
@@ -90,7 +90,7 @@ class PlainLoop:
 
 
 def measure(config: dict[str, Any], epochs: int) -> dict[str, Any]:
-    from trainables.loop import Trainer
+    from losstune.trainables.loop import Trainer
 
     trainer = Trainer(config, num_threads=1)
     plain = PlainLoop(config)

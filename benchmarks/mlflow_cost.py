@@ -66,7 +66,7 @@ def _artifact_dir(root: Path) -> Path:
     them in ``search.plots.write_trial_artifacts``)."""
     import numpy as np
 
-    from search.plots import PREDICTIONS_THUMB, prediction_grid, save_thumbnail
+    from losstune.search.plots import PREDICTIONS_THUMB, prediction_grid, save_thumbnail
     root.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(0)
     arrays = {k: g.random((4, 3, 32, 32), dtype=np.float32) for k in ("input", "baseline", "prediction", "target")}
@@ -132,7 +132,7 @@ def run_ray(uri: str, tmp: Path, n: int, epochs: int, rep: int) -> dict[str, Any
 
 
 def run_losstune(uri: str, tmp: Path, n: int, epochs: int, rep: int, artifacts: bool) -> dict[str, Any]:
-    from search.tracking import SweepTracker, TrackingCallback
+    from losstune.search.tracking import SweepTracker, TrackingCallback
 
     experiment = f"losstune{'-artifacts' if artifacts else ''}-{rep}"
     sweep_dir = tmp / experiment

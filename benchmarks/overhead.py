@@ -85,7 +85,7 @@ def _cpu_s() -> float:
 _STARTUP_SNIPPET = """
 import time
 import ray.tune, torch
-import search.trainable, trainables.loop
+import losstune.search.trainable, losstune.trainables.loop
 torch.set_num_threads(1)
 model = torch.nn.Conv2d(3, 3, 3)
 torch.optim.Adam(model.parameters(), lr=1e-3)  # imports torch._dynamo, as every torch.optim optimiser does
@@ -144,10 +144,10 @@ def _phase_timer():
 def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = True) -> dict[str, Any]:
     import ray
 
-    from search.cli import main as cli_main
-    from search.config import load_sweep
-    from search.runner import init_ray
-    from search.trials import load_results
+    from losstune.search.cli import main as cli_main
+    from losstune.search.config import load_sweep
+    from losstune.search.runner import init_ray
+    from losstune.search.trials import load_results
 
     name = "bench-overhead"
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -159,7 +159,7 @@ def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = 
     _prepare_mlflow_store(uri)
     cli_args = ["sweep", str(cfg_path), "--results-dir", str(tmp / "res")]
     sweep = load_sweep(cfg_path, {"results_dir": str(tmp / "res")})
-    import search.runner as runner
+    import losstune.search.runner as runner
     timer = _phase_timer()
     status_line = getattr(runner, "_status_line", None)
     if status_line is not None:  # benchmark-only instrumentation: one passive callback more
@@ -216,7 +216,7 @@ def _prepare_mlflow_store(uri: str) -> None:
 def bare_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     from ray import tune
 
-    from trainables.loop import train
+    from losstune.trainables.loop import train
 
     cfg = dict(base)
     cfg.update(config)
@@ -269,8 +269,8 @@ def run_bare_tune(s: dict[str, Any], tmp: Path, reuse_actors: bool = False) -> d
 
 # ----- plain loop -----------------------------------------------------------------------------------
 def run_plain(configs: list[dict[str, Any]], sweep) -> dict[str, Any]:
-    from search import space as sp
-    from trainables.loop import train
+    from losstune.search import space as sp
+    from losstune.trainables.loop import train
 
     histories = {}
     t0 = time.perf_counter()

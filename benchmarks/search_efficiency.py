@@ -98,10 +98,10 @@ def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
     import optuna
     from ray.tune.schedulers import TrialScheduler
 
-    from search import space as sp
-    from search.config import validate_sweep
-    from search.algorithms import make_scheduler, make_searcher
-    from trainables.loop import Trainer
+    from losstune.search import space as sp
+    from losstune.search.config import validate_sweep
+    from losstune.search.algorithms import make_scheduler, make_searcher
+    from losstune.trainables.loop import Trainer
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="losstune-bench-eff-") as tmp:
@@ -173,9 +173,9 @@ def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
 def run_hand_set(s: dict[str, Any]) -> dict[str, Any]:
     """The seed project's three scenarios, each trained for the full epochs (lr etc. at the base values)."""
     common.set_single_thread()
-    from search import space as sp
-    from search.config import validate_sweep
-    from trainables.loop import train
+    from losstune.search import space as sp
+    from losstune.search.config import validate_sweep
+    from losstune.trainables.loop import train
 
     with tempfile.TemporaryDirectory(prefix="losstune-bench-eff-") as tmp:
         sweep = validate_sweep(sweep_dict(s, "tpe", 0, tmp), source="<search_efficiency>",

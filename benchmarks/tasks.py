@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from losses.combined import WeightedLoss
-from losses.gradient import gradient_loss
-from losses.perceptual import PerceptualLoss
-from losses.pixel import mse_loss
-from trainables.task import Task
+from losstune.losses.combined import WeightedLoss
+from losstune.losses.gradient import gradient_loss
+from losstune.losses.perceptual import PerceptualLoss
+from losstune.losses.pixel import mse_loss
+from losstune.trainables.task import Task
 
 
 def _images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:

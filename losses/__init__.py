@@ -7,13 +7,13 @@ weight maps :func:`intensity_weights` and :func:`solidification_weights`; their 
 warm-up :class:`WeightedLoss`. Validation metrics live in :mod:`losses.metrics`.
 """
 
-from losses.combined import WeightedLoss
-from losses.diffusion import diffusion_loss
-from losses.gradient import gradient_loss, image_gradients
-from losses.intensity import intensity_weighted_loss, intensity_weights
-from losses.perceptual import PerceptualLoss, RandomFeatureExtractor
-from losses.pixel import charbonnier_loss, l1_loss, mse_loss
-from losses.weighting import solidification_weights
+from losstune.losses.combined import WeightedLoss
+from losstune.losses.diffusion import diffusion_loss
+from losstune.losses.gradient import gradient_loss, image_gradients
+from losstune.losses.intensity import intensity_weighted_loss, intensity_weights
+from losstune.losses.perceptual import PerceptualLoss, RandomFeatureExtractor
+from losstune.losses.pixel import charbonnier_loss, l1_loss, mse_loss
+from losstune.losses.weighting import solidification_weights
 
 __all__ = [
     "PerceptualLoss",

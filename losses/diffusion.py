@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from losses._checks import check_pair, upcast
+from losstune.losses._checks import check_pair, upcast
 
 
 def diffusion_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:

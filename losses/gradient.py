@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses._checks import check_pair, check_tensor, check_weight, upcast
+from losstune.losses._checks import check_pair, check_tensor, check_weight, upcast
 
 MODES = ("match", "sharpen")
 

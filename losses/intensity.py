@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses._checks import check_pair, check_tensor, compute_dtype, upcast
+from losstune.losses._checks import check_pair, check_tensor, compute_dtype, upcast
 
 KINDS = ("l1", "mse")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from losses._checks import check_pair
+from losstune.losses._checks import check_pair
 
 DATA_RANGE = 1.0
 SSIM_SIGMA, SSIM_RADIUS = 1.5, 5  # radius = int(3.5·σ + 0.5): scikit-image's truncate=3.5 -> 11×11 window

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from losses._checks import check_pair
+from losstune.losses._checks import check_pair
 
 DEFAULT_CHANNELS = (16, 32, 64)
 

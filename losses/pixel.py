@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses._checks import check_pair, check_weight, upcast
+from losstune.losses._checks import check_pair, check_weight, upcast
 
 
 def _weighted_mean(err: Tensor, weight: Tensor | None) -> Tensor:

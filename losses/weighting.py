@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses._checks import check_tensor, compute_dtype, upcast
+from losstune.losses._checks import check_tensor, compute_dtype, upcast
 
 
 def _window(t: Tensor, t_solidus: float, t_liquidus: float, softness: float) -> Tensor:

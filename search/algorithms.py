@@ -12,8 +12,8 @@ import optuna
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from search import space as sp
-from search.config import Sweep
+from losstune.search import space as sp
+from losstune.search.config import Sweep
 
 # user attribute of every Optuna trial: the Tune trial it belongs to (also handy in optuna-dashboard)
 TUNE_TRIAL_ATTR = "tune_trial_id"

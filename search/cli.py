@@ -78,8 +78,8 @@ def _err(msg: str) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from search.config import SweepConfigError, load_sweep
-    from search.runner import SweepInputError, SweepRuntimeError, run_sweep
+    from losstune.search.config import SweepConfigError, load_sweep
+    from losstune.search.runner import SweepInputError, SweepRuntimeError, run_sweep
     if args.num_samples is not None and args.num_samples < 1:
         _err("--num-samples: must be >= 1")
         return EXIT_INPUT
@@ -108,8 +108,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from search.export import ExportError, export
-    from search.trials import ResultsError
+    from losstune.search.export import ExportError, export
+    from losstune.search.trials import ResultsError
     try:
         paths = export(args.results_dir, out=args.out, top_k=args.top_k)
     except (ResultsError, ValueError) as err:
@@ -124,7 +124,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from search.final import FinalInputError, FinalInterrupted, run_final
+    from losstune.search.final import FinalInputError, FinalInterrupted, run_final
     if not Path(args.config).is_file():
         _err(f"{args.config}: no such file")
         return EXIT_INPUT
@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_trials(args) -> int:
-    from search.trials import ResultsError, format_table, load_results, sort_table
+    from losstune.search.trials import ResultsError, format_table, load_results, sort_table
     try:
         results = load_results(args.results_dir)
         table = sort_table(results.table, args.sort)
@@ -179,8 +179,8 @@ def cmd_trials(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from search.report import ReportError, build_report
-    from search.trials import ResultsError
+    from losstune.search.report import ReportError, build_report
+    from losstune.search.trials import ResultsError
     try:
         outcome = build_report(args.results_dir, args.out, top_k=args.top_k, log_mlflow=not args.no_mlflow)
     except (ResultsError, ValueError) as err:

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from search import space as sp
-from trainables.config import DEFAULT_COMPOSITE_WEIGHTS, ConfigError, parse_train_config
+from losstune.search import space as sp
+from losstune.trainables.config import DEFAULT_COMPOSITE_WEIGHTS, ConfigError, parse_train_config
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -403,7 +403,7 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
     # the task must exist (and, deep, accept its data/model sections)
     if not check_task:
         return Sweep(file, raw, source, base_raw, params, fixed, points)
-    from trainables.registry import get_task_factory
+    from losstune.trainables.registry import get_task_factory
     try:
         factory = get_task_factory(base.task)
     except ConfigError as err:

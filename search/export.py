@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from search import space as sp
-from search.trials import ResultsError, SweepResults, load_results
-from trainables.config import ConfigError, parse_train_config
+from losstune.search import space as sp
+from losstune.search.trials import ResultsError, SweepResults, load_results
+from losstune.trainables.config import ConfigError, parse_train_config
 
 REPORTED = ("composite", "ssim", "mse", "psnr", "gradient_match", "sharpness_ratio", "histogram_distance",
             "val_loss", "loss")

@@ -23,12 +23,12 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from search.config import SweepConfigError, check_tracking_uri, read_yaml, resolve_tracking_uri
-from search.interrupts import first_ctrl_c_sets_event
-from search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
+from losstune.search.config import SweepConfigError, check_tracking_uri, read_yaml, resolve_tracking_uri
+from losstune.search.interrupts import first_ctrl_c_sets_event
+from losstune.search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
                              param_value, write_json_atomic)
-from trainables.config import ConfigError, TrainConfig, parse_train_config
-from trainables.loop import STATE_FILE, TrainingStopped
+from losstune.trainables.config import ConfigError, TrainConfig, parse_train_config
+from losstune.trainables.loop import STATE_FILE, TrainingStopped
 
 PROGRESS_FILE = "train.json"
 ENDED = ("finished", "diverged")
@@ -126,7 +126,7 @@ def load_train_yaml(path: str | Path, epochs: int | None = None, device: str | N
         config = parse_train_config(raw)
     except ConfigError as err:
         raise FinalInputError(f"{path}: {err}") from None
-    from trainables.registry import get_task_factory
+    from losstune.trainables.registry import get_task_factory
     try:
         get_task_factory(config.task)
     except ConfigError as err:
@@ -148,7 +148,7 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
     import torch
     from tqdm import tqdm
 
-    from trainables.loop import Trainer
+    from losstune.trainables.loop import Trainer
 
     path = Path(path)
     config, provenance = load_train_yaml(path, epochs, device)
@@ -244,7 +244,7 @@ def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mappi
                echo: Callable[[str], None]):
     from mlflow.entities import Param
 
-    from search.tracking import _client, get_or_create_experiment
+    from losstune.search.tracking import _client, get_or_create_experiment
     try:
         client = _client(uri)
         experiment_id = get_or_create_experiment(client, experiment, uri)
@@ -276,7 +276,7 @@ def _reopen_run(uri: str, run_id: str | None, history: list[Mapping[str, Any]], 
     (the state is saved before an epoch is logged); (None, None) when it cannot be reopened."""
     if not run_id:
         return None, None
-    from search.tracking import _client
+    from losstune.search.tracking import _client
     try:
         client = _client(uri)
         client.get_run(run_id)

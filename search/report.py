@@ -36,8 +36,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from search import plots
-from search.trials import SweepResults, load_results
+from losstune.search import plots
+from losstune.search.trials import SweepResults, load_results
 
 logger = logging.getLogger("losstune.report")
 
@@ -84,7 +84,7 @@ def is_mse_only(config: Mapping[str, Any]) -> bool:
 
 
 def _fs_for(results: SweepResults):
-    from search.trials import _fs_and_path
+    from losstune.search.trials import _fs_and_path
     return _fs_and_path(results.info.get("tune_dir") or str(results.sweep_dir))[0]
 
 
@@ -132,7 +132,7 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
     if state is None:
         return None, "no predictions.npz or state.pt in its checkpoints"
     try:
-        from trainables.loop import Trainer
+        from losstune.trainables.loop import Trainer
         with tempfile.TemporaryDirectory(prefix="losstune-report-") as tmp:
             (Path(tmp) / "state.pt").write_bytes(state)
             trainer = Trainer(results.trial_config(trial_id))
@@ -523,7 +523,7 @@ def _log_to_parent(results: SweepResults, out_dir: Path, echo: Callable[[str], N
     if not uri or not run_id:
         echo("[losstune] MLflow was off for this sweep: the report is not logged to a run")
         return False
-    from search.tracking import _client, set_retry_defaults
+    from losstune.search.tracking import _client, set_retry_defaults
     set_retry_defaults()
     try:
         _client(uri).log_artifacts(run_id, str(out_dir), REPORT_DIR)

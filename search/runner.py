@@ -33,15 +33,15 @@ from typing import Any, Callable
 
 import yaml
 
-from search import space as sp
-from search.config import Sweep, SweepConfigError, load_sweep
-from search.interrupts import first_ctrl_c_sets_event
-from search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
+from losstune.search import space as sp
+from losstune.search.config import Sweep, SweepConfigError, load_sweep
+from losstune.search.interrupts import first_ctrl_c_sets_event
+from losstune.search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
-from search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
+from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
     write_reports
-from search.tune_state import TuneStateDamaged, known_trial_ids
-from search.tune_state import repair as repair_tune_state
+from losstune.search.tune_state import TuneStateDamaged, known_trial_ids
+from losstune.search.tune_state import repair as repair_tune_state
 
 logger = logging.getLogger("losstune")
 OPTUNA_DB = "optuna.db"
@@ -427,7 +427,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
     if results is not None:
         write_reports(results)
         if not results.ranked().empty:
-            from search.export import export
+            from losstune.search.export import export
             outcome.exported = export(sweep_dir, results=results)
             status = "interrupted" if interrupted else "finished"
         else:
@@ -461,8 +461,8 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from search.algorithms import make_scheduler, make_searcher
-    from search.trainable import make_trainable
+    from losstune.search.algorithms import make_scheduler, make_searcher
+    from losstune.search.trainable import make_trainable
 
     res = sweep.resources
     trainable = tune.with_resources(make_trainable(sweep.base_train, sweep.params, res.cpu),
@@ -526,7 +526,7 @@ def _settle_lost_trials(sweep: Sweep, sweep_dir: Path, tune_dir: str, storage_ur
     known = known_trial_ids(tune_dir)
     if known is None:  # no readable state: nothing to compare with
         return
-    from search.algorithms import fail_lost_trials
+    from losstune.search.algorithms import fail_lost_trials
     lost = callback.mark_lost(known) if callback is not None else []
     numbers = fail_lost_trials(storage_url, sweep.name, known)
     if lost or numbers:
@@ -554,7 +554,7 @@ def _no_tensorboard_logger():
 def _status_line(sweep: Sweep) -> list:
     """The periodic one-line sweep status (search.progress), when that module is there."""
     try:
-        from search.progress import SweepStatus
+        from losstune.search.progress import SweepStatus
     except ImportError:  # pragma: no cover
         return []
     return [SweepStatus(total=sweep.search.num_samples, max_epochs=sweep.epochs,

@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from trainables.config import TrainConfig
+from losstune.trainables.config import TrainConfig
 
 # fields that cannot be searched: ``task`` changes the problem, ``epochs`` is the ASHA budget,
 # ``composite_weights`` defines the objective (scores of different weights are not comparable)

@@ -325,7 +325,7 @@ def _thumbnail_of(png: bytes) -> bytes:
 
     from PIL import Image
 
-    from search.plots import save_thumbnail
+    from losstune.search.plots import save_thumbnail
     out = io.BytesIO()
     with Image.open(io.BytesIO(png)) as image:
         image.load()

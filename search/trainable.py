@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 from ray import tune
 
-from search import space as sp
+from losstune.search import space as sp
 
 
 def report_metrics(metrics: Mapping[str, Any], diverged: bool) -> dict[str, float]:
@@ -43,7 +43,7 @@ def capture_artifacts(trainer) -> dict[str, Any] | None:
     """The validation predictions and config of the model as it is now, for :func:`write_artifacts`; a
     failure here never fails the trial (None: no artifacts this epoch)."""
     try:
-        from search.plots import capture_trial_artifacts
+        from losstune.search.plots import capture_trial_artifacts
         return capture_trial_artifacts(trainer)
     except ImportError:  # pragma: no cover - the plotting module is optional
         return None
@@ -58,7 +58,7 @@ def write_artifacts(directory: str, captured: Mapping[str, Any] | None) -> None:
     if captured is None:
         return
     try:
-        from search.plots import write_trial_artifacts
+        from losstune.search.plots import write_trial_artifacts
         write_trial_artifacts(directory, captured)
     except Exception as err:  # noqa: BLE001
         logging.getLogger("losstune").warning("cannot save the trial's prediction artifacts: %s", err)
@@ -124,7 +124,7 @@ atexit.register(_stop_live_trials)
 def run_trial(config: Mapping[str, Any], base_train: Mapping[str, Any], params: Mapping[str, sp.ParamSpec],
               cpus: float | None = None, cwd: str | None = None) -> None:
     """Train the trial's config, reporting (and checkpointing) every epoch to Tune."""
-    from trainables.loop import Trainer
+    from losstune.trainables.loop import Trainer
 
     quiet_exit_in_finalizers()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" per epoch
@@ -183,7 +183,7 @@ class _PipelinedTrial:
                 _remove(self.epochs.get_nowait()[2])
 
     def _train(self) -> None:
-        from trainables.loop import TrainingStopped
+        from losstune.trainables.loop import TrainingStopped
         try:
             self.trainer.fit(self._hand_over, stop=self.stop)
         except TrainingStopped:
@@ -195,7 +195,7 @@ class _PipelinedTrial:
 
     def _hand_over(self, report) -> bool:
         """``fit``'s per-epoch callback (helper thread): checkpoint this epoch, queue it for Tune."""
-        from trainables.loop import TrainingStopped
+        from losstune.trainables.loop import TrainingStopped
         diverged = report.status == "diverged"
         metrics = report_metrics(report.metrics, diverged)
         if self.node_id:  # nodes of one machine share an IP: the Ray node id tells them apart

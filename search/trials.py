@@ -21,9 +21,9 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from search import space as sp
-from search.tracking import RUNS_FILE, read_runs_file
-from trainables.loop import DIVERGED_SCORE  # what a diverged trial scores (the worst composite)
+from losstune.search import space as sp
+from losstune.search.tracking import RUNS_FILE, read_runs_file
+from losstune.trainables.loop import DIVERGED_SCORE  # what a diverged trial scores (the worst composite)
 
 SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep.yaml"
@@ -132,7 +132,7 @@ def read_info(sweep_dir: str | Path) -> dict[str, Any]:
 
 
 def load_sweep_of(sweep_dir: Path, info: Mapping[str, Any]):
-    from search.config import SweepConfigError, load_sweep
+    from losstune.search.config import SweepConfigError, load_sweep
     path = sweep_dir / SWEEP_CONFIG
     if not path.is_file():
         return None

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-from search.cli import main
-from search.config import SweepConfigError, load_sweep, validate_sweep
+from losstune.search.cli import main
+from losstune.search.config import SweepConfigError, load_sweep, validate_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -390,7 +390,7 @@ def test_bad_input_real_exit_status(case, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
     exe = Path(sys.executable).with_name("losstune")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "search.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "losstune.search.cli"]
     proc = subprocess.run(cmd + _cli_args(path, extra, tmp_path), capture_output=True, text=True,
                           cwd=tmp_path / "work", env=env, timeout=120)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)

@@ -328,7 +328,7 @@ def mlflow_server(tmp_path):
 
 
 def _run_smoke(tmp_path: Path, uri: str) -> Path:
-    from search.cli import main
+    from losstune.search.cli import main
     cfg = yaml.safe_load(yaml.safe_dump(SMOKE))
     path = tmp_path / "smoke.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

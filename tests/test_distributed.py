@@ -119,7 +119,7 @@ def test_sweep_runs_on_both_nodes_of_a_cluster(tmp_path, two_node_cluster):
     res, sweep_dir = tmp_path / "res", tmp_path / "res" / "cluster"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exe = Path(sys.executable).with_name("losstune")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "search.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "losstune.search.cli"]
     address = two_node_cluster["address"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd + ["sweep", str(path), "--address", address, "--results-dir", str(res),
@@ -134,7 +134,7 @@ def test_sweep_runs_on_both_nodes_of_a_cluster(tmp_path, two_node_cluster):
     assert len(nodes) == 2
 
     # Tune's results are complete, and each result says which node produced it
-    from search.trials import load_results
+    from losstune.search.trials import load_results
     table = load_results(sweep_dir).table
     assert len(table) == n and set(table["status"]) == {"finished"}, table
     used = set()

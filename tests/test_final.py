@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from search.cli import main
+from losstune.search.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS = 20
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _losstune() -> list[str]:
     exe = Path(sys.executable).with_name("losstune")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "search.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "losstune.search.cli"]
 
 
 def _progress(out: Path) -> dict:

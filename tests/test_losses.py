@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (PerceptualLoss, WeightedLoss, charbonnier_loss, diffusion_loss, gradient_loss,
+from losstune.losses import (PerceptualLoss, WeightedLoss, charbonnier_loss, diffusion_loss, gradient_loss,
                     image_gradients, intensity_weighted_loss, intensity_weights, l1_loss, mse_loss,
                     solidification_weights)
 

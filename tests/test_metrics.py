@@ -8,7 +8,7 @@ import torch
 from skimage.filters import gaussian
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from losses import metrics as M
+from losstune.losses import metrics as M
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.config import ConfigError, TrainConfig
-from trainables.data.microscopy import make_synthetic
-from trainables.data.paired_folder import load_paired_folders, percentile_normalize, read_image
-from trainables.models.ddpm import ConditionalDDPM, ddim_timesteps, make_betas, to_model_space
-from trainables.models.unet import UNet
+from losstune.trainables.config import ConfigError, TrainConfig
+from losstune.trainables.data.microscopy import make_synthetic
+from losstune.trainables.data.paired_folder import load_paired_folders, percentile_normalize, read_image
+from losstune.trainables.models.ddpm import ConditionalDDPM, ddim_timesteps, make_betas, to_model_space
+from losstune.trainables.models.unet import UNet
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -225,7 +225,7 @@ def _batch(task, n=4):
 
 
 def test_build_unet_task():
-    from trainables.tasks.microscopy import build
+    from losstune.trainables.tasks.microscopy import build
 
     task = build(_config(gradient_weight=0.5, intensity_weight=0.2, pixel_loss="charbonnier"))
     assert task.num_train == 16 and task.num_val == 4
@@ -246,7 +246,7 @@ def test_build_unet_task():
 
 
 def test_build_unet_task_with_perceptual_term():
-    from trainables.tasks.microscopy import build
+    from losstune.trainables.tasks.microscopy import build
 
     task = build(_config(perceptual_weight=0.1))
     assert len(task.loss_modules) == 1
@@ -255,7 +255,7 @@ def test_build_unet_task_with_perceptual_term():
 
 
 def test_build_ddpm_task_and_intensity_warmup():
-    from trainables.tasks.microscopy import build
+    from losstune.trainables.tasks.microscopy import build
 
     config = _config(model={"name": "ddpm", "base_channels": 8, "timesteps": 50, "sampling_steps": 3},
                      intensity_weight=0.5, gradient_weight=0.1, warmup_steps=10)
@@ -284,7 +284,7 @@ def test_build_ddpm_task_and_intensity_warmup():
 
 
 def test_model_and_data_config_errors_name_the_field(tmp_path):
-    from trainables.tasks.microscopy import build
+    from losstune.trainables.tasks.microscopy import build
 
     with pytest.raises(ConfigError, match=r"model\.name"):
         build(_config(model={"name": "transformer"}))
@@ -295,7 +295,7 @@ def test_model_and_data_config_errors_name_the_field(tmp_path):
 
 
 def test_build_from_paired_folders(tmp_path):
-    from trainables.tasks.microscopy import build
+    from losstune.trainables.tasks.microscopy import build
 
     inp, tgt = _write_pairs(tmp_path, names=("a", "b", "c", "d", "e"))
     task = build(_config(data={"input_dir": str(inp), "target_dir": str(tgt), "crop_size": 32,
@@ -305,7 +305,7 @@ def test_build_from_paired_folders(tmp_path):
 
 
 def test_tiny_optimisation_lowers_the_loss():
-    from trainables.tasks.microscopy import build
+    from losstune.trainables.tasks.microscopy import build
 
     task = build(_config(gradient_weight=0.1, intensity_weight=0.1))
     torch.manual_seed(0)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.config import ConfigError, TrainConfig
-from trainables.data.npz_sequences import load_npz_sequences
-from trainables.data.solidification import LIQUID_COLOUR, generate_sequences
-from trainables.models.convlstm import ConvLSTMNet
-from trainables.tasks.microstructure import build
+from losstune.trainables.config import ConfigError, TrainConfig
+from losstune.trainables.data.npz_sequences import load_npz_sequences
+from losstune.trainables.data.solidification import LIQUID_COLOUR, generate_sequences
+from losstune.trainables.models.convlstm import ConvLSTMNet
+from losstune.trainables.tasks.microstructure import build
 
 T_SOL, T_LIQ = 1600.0, 1700.0
 TINY_DATA = {"size": 32, "num_sequences": 4, "frames": 7, "seq_length": 3}

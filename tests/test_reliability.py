@@ -112,7 +112,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _losstune() -> list[str]:
     exe = Path(sys.executable).with_name("losstune")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "search.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "losstune.search.cli"]
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -211,8 +211,8 @@ def _alive(pid: int) -> bool:
 
 # ----- a trial's worker killed mid-training ---------------------------------------------------------------
 def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, ray_local, clean_env):
-    from search.cli import main
-    from search.trials import load_results
+    from losstune.search.cli import main
+    from losstune.search.trials import load_results
 
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
@@ -342,7 +342,7 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_st
     if saved_state == "upload_cut_off":  # (as_left may hit the same race by chance: then it is repaired too)
         assert "was cut off when the driver died" in out, out[-3000:]
 
-    from search.trials import load_results
+    from losstune.search.trials import load_results
     results = load_results(sweep_dir)
     # a trial started after Tune's last snapshot (the kill lands right when the third one starts) may be
     # lost with the driver: then it is marked so and not counted (test_trial_started_after_last_snapshot...)
@@ -442,7 +442,7 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path, when):
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
                              timeout=240)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
-    from search.trials import load_results
+    from losstune.search.trials import load_results
     results = load_results(sweep_dir)
     assert len(results.table) == n and set(results.table["status"]) == {"finished"}, results.table
     assert (sweep_dir / "best.yaml").is_file()
@@ -459,8 +459,8 @@ def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path, st
     KILLED, its Optuna trial FAIL, and the sweep still runs ``num_samples`` real trials."""
     import optuna
 
-    from search.trials import load_results
-    from search.tune_state import known_trial_ids
+    from losstune.search.trials import load_results
+    from losstune.search.tune_state import known_trial_ids
 
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
@@ -533,7 +533,7 @@ def test_lost_tracking_writes_are_filled_in_from_rays_results(tmp_path):
     trial) is written by the next run of the sweep from the trial's Ray results, once."""
     from mlflow.entities import Metric
 
-    from search.tracking import SweepTracker, backfill_runs, log_batch_chunked
+    from losstune.search.tracking import SweepTracker, backfill_runs, log_batch_chunked
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = SweepTracker(uri, "backfill")
@@ -558,9 +558,9 @@ def test_lost_tracking_writes_are_filled_in_from_rays_results(tmp_path):
 def test_diverged_trial_gets_the_worst_score_and_the_sweep_goes_on(tmp_path, ray_local, clean_env):
     import optuna
 
-    from search.cli import main
-    from search.trials import load_results
-    from trainables.loop import DIVERGED_SCORE
+    from losstune.search.cli import main
+    from losstune.search.trials import load_results
+    from losstune.trainables.loop import DIVERGED_SCORE
 
     cfg = {
         "name": "nan",
@@ -709,8 +709,8 @@ def test_tracking_server_dies_mid_sweep_and_credentials_stay_secret(tmp_path):
         _stop(server)
 
     # every trial completed, and Ray's results are complete
-    from search.cli import main
-    from search.trials import load_results
+    from losstune.search.cli import main
+    from losstune.search.trials import load_results
     table = load_results(sweep_dir).table
     assert len(table) == n and set(table["status"]) == {"finished"}, table
     for trial in table["trial_id"]:

@@ -21,11 +21,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from search import plots
-from search.cli import main
-from search.progress import SweepStatus, format_duration
-from search.report import FIGURES, is_mse_only, param_importances
-from search.trials import load_results
+from losstune.search import plots
+from losstune.search.cli import main
+from losstune.search.progress import SweepStatus, format_duration
+from losstune.search.report import FIGURES, is_mse_only, param_importances
+from losstune.search.trials import load_results
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
@@ -185,7 +185,7 @@ def test_report_command(smoke, capsys):
 @pytest.mark.slow
 def test_report_recomputes_predictions_of_older_sweeps(smoke, tmp_path):
     """A sweep whose checkpoints hold only state.pt (run before trials saved predictions): rebuilt."""
-    from search.report import build_report
+    from losstune.search.report import build_report
     moved = []
     try:
         for npz in smoke.dir.glob(f"trial_*/checkpoint_*/{plots.PREDICTIONS_NPZ}"):

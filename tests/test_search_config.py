@@ -14,9 +14,9 @@ import optuna
 import pytest
 import yaml
 
-from search import space as sp
-from search.cli import main
-from search.config import SweepConfigError, load_sweep, resolve_tracking_uri, validate_sweep
+from losstune.search import space as sp
+from losstune.search.cli import main
+from losstune.search.config import SweepConfigError, load_sweep, resolve_tracking_uri, validate_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -257,7 +257,7 @@ def test_cli_sweep_bad_config_exits_2_subprocess(tmp_path):
     path = _write(tmp_path, _with("resources/gpu", 2.5))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     exe = Path(sys.executable).with_name("losstune")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "search.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "losstune.search.cli"]
     proc = subprocess.run(cmd + ["sweep", str(path), "--results-dir", str(tmp_path / "res"),
                                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)

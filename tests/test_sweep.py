@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from search.cli import main
-from search.trials import load_results, pareto_front
+from losstune.search.cli import main
+from losstune.search.trials import load_results, pareto_front
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
@@ -94,7 +94,7 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_r
     # best.yaml: a complete training config + provenance, the best composite
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     prov = best.pop("provenance")
-    from trainables.config import TrainConfig
+    from losstune.trainables.config import TrainConfig
     assert set(best) == set(TrainConfig.model_fields)
     assert prov["score"] == pytest.approx(results.table["composite"].max())
     assert prov["mlflow"]["parent_run_id"] == parent.info.run_id
@@ -216,7 +216,7 @@ def _drive(cb, trial: _FakeTrial, epochs: range, end: str | None = "complete") -
 
 
 def test_tracking_callback_resume_reuses_runs(tmp_path, mlflow_uri, mlflow_runs):
-    from search.tracking import SweepTracker, TrackingCallback, read_runs_file
+    from losstune.search.tracking import SweepTracker, TrackingCallback, read_runs_file
 
     tracker = SweepTracker(mlflow_uri, "cbtest")
     parent = tracker.start("cb", {"train.lr": 0.001}, {})
@@ -262,8 +262,8 @@ def test_tracking_callback_logs_the_image_series_as_mlflow_does(tmp_path, mlflow
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from search import plots
-    from search.tracking import SweepTracker, TrackingCallback
+    from losstune.search import plots
+    from losstune.search.tracking import SweepTracker, TrackingCallback
 
     tracker = SweepTracker(mlflow_uri, "imgtest")
     parent = tracker.start("img", {}, {})
@@ -309,7 +309,7 @@ def test_tracking_callback_survives_a_dead_server(tmp_path, monkeypatch):
     import socket
     import time
 
-    from search.tracking import TrackingCallback, read_runs_file
+    from losstune.search.tracking import TrackingCallback, read_runs_file
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -343,8 +343,8 @@ import sys
 sys.path.insert(0, {repo!r})
 import ray
 from ray._raylet import AuthenticationMode, get_authentication_mode  # what Ray uses (private, test only)
-from search.config import validate_sweep
-from search.runner import init_ray
+from losstune.search.config import validate_sweep
+from losstune.search.runner import init_ray
 sweep = validate_sweep({config!r}, source="<test>", deep=False)
 assert init_ray(sweep)
 mode = get_authentication_mode()
@@ -377,7 +377,7 @@ def test_only_tunes_no_results_yet_warning_is_dropped():
     summary says so); a trial whose results cannot be read for another reason still gets the warning."""
     import logging
 
-    from search.runner import _NO_RESULTS_YET, _without_ray_notices
+    from losstune.search.runner import _NO_RESULTS_YET, _without_ray_notices
 
     seen = []
     handler = logging.Handler()
@@ -407,9 +407,9 @@ def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path
     import os
     import signal
 
-    from search.config import validate_sweep
-    from search.interrupts import first_ctrl_c_sets_event
-    from search.runner import CTRL_C_NOTICE, _run_started
+    from losstune.search.config import validate_sweep
+    from losstune.search.interrupts import first_ctrl_c_sets_event
+    from losstune.search.runner import CTRL_C_NOTICE, _run_started
 
     with first_ctrl_c_sets_event(CTRL_C_NOTICE) as pressed:
         os.kill(os.getpid(), signal.SIGINT)  # first press: remembered, nothing raised

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from search.trainable import _PipelinedTrial
-from trainables.loop import STATE_FILE, Trainer
+from losstune.search.trainable import _PipelinedTrial
+from losstune.trainables.loop import STATE_FILE, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -131,7 +131,7 @@ def test_a_worker_being_stopped_prints_no_traceback_but_other_errors_still_show(
     import gc
     import sys
 
-    from search.trainable import quiet_exit_in_finalizers
+    from losstune.search.trainable import quiet_exit_in_finalizers
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
@@ -156,8 +156,8 @@ import sys, threading, time
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo!r})
-from search.trainable import _PipelinedTrial
-from trainables.loop import Trainer
+from losstune.search.trainable import _PipelinedTrial
+from losstune.trainables.loop import Trainer
 
 config = {config!r}
 trainer = Trainer(config)

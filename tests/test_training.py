@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from trainables.config import ConfigError
-from trainables.loop import DIVERGED_SCORE, Trainer, train
+from losstune.trainables.config import ConfigError
+from losstune.trainables.loop import DIVERGED_SCORE, Trainer, train
 
 TINY = {
     "microstructure": {"task": "microstructure", "batch_size": 4, "lr": 3e-3,
@@ -99,7 +99,7 @@ def test_cpu_threads_and_device_resolution():
 def test_unquoted_yaml_amp_off_means_off():
     import yaml
 
-    from trainables.config import TrainConfig
+    from losstune.trainables.config import TrainConfig
 
     raw = yaml.safe_load("task: microstructure\namp: off\n")
     assert raw["amp"] is False  # YAML 1.1 reads it as a boolean

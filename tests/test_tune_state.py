@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from search.tune_state import PATTERNS, TuneStateDamaged, damaged, repair
+from losstune.search.tune_state import PATTERNS, TuneStateDamaged, damaged, repair
 
 STAMP = "2026-11-25_09-20-43"
 

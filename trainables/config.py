@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from losses.metrics import DEFAULT_COMPOSITE_WEIGHTS
+from losstune.losses.metrics import DEFAULT_COMPOSITE_WEIGHTS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 

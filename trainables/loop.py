@@ -18,10 +18,10 @@ from typing import Callable, Literal, Mapping
 import torch
 from torch import nn
 
-from losses.metrics import evaluate_all
-from trainables.config import TrainConfig, parse_train_config
-from trainables.registry import get_task_factory
-from trainables.task import Batch, Task
+from losstune.losses.metrics import evaluate_all
+from losstune.trainables.config import TrainConfig, parse_train_config
+from losstune.trainables.registry import get_task_factory
+from losstune.trainables.task import Batch, Task
 
 DIVERGED_SCORE = -1.0
 # what a diverged epoch reports for the objective metrics: the worst value of each

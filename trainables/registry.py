@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-from trainables.config import ConfigError
-from trainables.task import TaskFactory
+from losstune.trainables.config import ConfigError
+from losstune.trainables.task import TaskFactory
 
 BUILTIN_TASKS = {
-    "microstructure": "trainables.tasks.microstructure:build",
-    "microscopy": "trainables.tasks.microscopy:build",
+    "microstructure": "losstune.trainables.tasks.microstructure:build",
+    "microscopy": "losstune.trainables.tasks.microscopy:build",
 }
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.data.solidification import Sequences
+from losstune.trainables.data.solidification import Sequences
 
 CELSIUS_GUESS_BELOW = 250.0
 KELVIN_NAMES = {"k", "kelvin"}

@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from trainables.models.unet import UNet
+from losstune.trainables.models.unet import UNet
 
 Schedule = Literal["linear", "cosine"]
 

@@ -23,17 +23,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from losses.combined import WeightedLoss
-from losses.diffusion import diffusion_loss
-from losses.gradient import gradient_loss
-from losses.intensity import intensity_weighted_loss
-from losses.pixel import charbonnier_loss, l1_loss, mse_loss
-from trainables.config import ConfigError, TrainConfig, parse_section
-from trainables.data.microscopy import make_synthetic
-from trainables.data.paired_folder import load_paired_folders
-from trainables.models.ddpm import ConditionalDDPM
-from trainables.models.unet import UNet
-from trainables.task import Batch, Task
+from losstune.losses.combined import WeightedLoss
+from losstune.losses.diffusion import diffusion_loss
+from losstune.losses.gradient import gradient_loss
+from losstune.losses.intensity import intensity_weighted_loss
+from losstune.losses.pixel import charbonnier_loss, l1_loss, mse_loss
+from losstune.trainables.config import ConfigError, TrainConfig, parse_section
+from losstune.trainables.data.microscopy import make_synthetic
+from losstune.trainables.data.paired_folder import load_paired_folders
+from losstune.trainables.models.ddpm import ConditionalDDPM
+from losstune.trainables.models.unet import UNet
+from losstune.trainables.task import Batch, Task
 
 # the fixed seed of the DDIM starting noise at evaluation: the same model gives the same predictions
 EVAL_SEED = 0
@@ -140,7 +140,7 @@ def build(config: TrainConfig) -> Task:
         "gradient": lambda pred, target, **_: gradient_loss(pred, target, mode=config.gradient_mode),
     }
     if config.perceptual_weight > 0:
-        from losses.perceptual import PerceptualLoss
+        from losstune.losses.perceptual import PerceptualLoss
 
         try:
             perceptual = PerceptualLoss(in_channels=1, weights_path=config.perceptual_weights_path)

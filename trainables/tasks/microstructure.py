@@ -35,16 +35,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from torch import nn
 
-from losses.combined import WeightedLoss
-from losses.gradient import gradient_loss
-from losses.perceptual import PerceptualLoss
-from losses.pixel import charbonnier_loss, l1_loss, mse_loss
-from losses.weighting import solidification_weights
-from trainables.config import ConfigError, TrainConfig, parse_section, parse_train_config
-from trainables.data.npz_sequences import load_npz_sequences
-from trainables.data.solidification import Sequences, generate_sequences, normalise_temperature
-from trainables.models.convlstm import ConvLSTMNet
-from trainables.task import Batch, LossResult, Task
+from losstune.losses.combined import WeightedLoss
+from losstune.losses.gradient import gradient_loss
+from losstune.losses.perceptual import PerceptualLoss
+from losstune.losses.pixel import charbonnier_loss, l1_loss, mse_loss
+from losstune.losses.weighting import solidification_weights
+from losstune.trainables.config import ConfigError, TrainConfig, parse_section, parse_train_config
+from losstune.trainables.data.npz_sequences import load_npz_sequences
+from losstune.trainables.data.solidification import Sequences, generate_sequences, normalise_temperature
+from losstune.trainables.models.convlstm import ConvLSTMNet
+from losstune.trainables.task import Batch, LossResult, Task
 
 PIXEL_LOSSES = {"mse": mse_loss, "l1": l1_loss, "charbonnier": charbonnier_loss}
 
