@@ -347,7 +347,7 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
     except ConfigError as err:
         raise fail(str(err)) from None
     try:
-        params, fixed = sp.parse_space(file.space)
+        params, fixed = sp.parse_space(file.space, task=base.task)
     except sp.SpaceError as err:
         raise fail(str(err)) from None
     base_raw = base.model_dump()

@@ -38,14 +38,14 @@ import numpy as np
 
 from losstune.search import plots
 from losstune.search.trials import SweepResults, load_results
+from losstune.trainables.config import ConfigError
+from losstune.trainables.terms import BUILTIN_TERMS, shaping_weight_names
 
 logger = logging.getLogger("losstune.report")
 
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
 OPTUNA_DB = "optuna.db"
-# loss terms that are not plain MSE: a trial with all of them 0 (and pixel_loss mse) is "MSE-only"
-SHAPING_WEIGHTS = ("gradient_weight", "perceptual_weight", "intensity_weight")
 METRICS = ("composite", "ssim", "mse", "psnr", "gradient_match")
 MIN_IMPORTANCE_TRIALS = 2
 FIGURES = ("leaderboard", "importance", "history", "slice", "pareto", "curves", "panel")
@@ -78,8 +78,12 @@ class ReportOutcome:
 
 # ----- finding the trials' predictions ------------------------------------------------------------------
 def is_mse_only(config: Mapping[str, Any]) -> bool:
-    """No gradient / perceptual / intensity term and an MSE pixel loss."""
-    return (all(float(config.get(k) or 0.0) == 0.0 for k in SHAPING_WEIGHTS)
+    """Every shaping loss weight of the config's task (:mod:`trainables.terms`) 0 and an MSE pixel loss."""
+    try:
+        shaping = shaping_weight_names(config)
+    except ConfigError:  # the plug-in task does not import here: the built-in shaping weights
+        shaping = [term.weight_key for term in BUILTIN_TERMS if term.shaping]
+    return (all(float(config.get(k) or 0.0) == 0.0 for k in shaping)
             and str(config.get("pixel_loss", "mse")) == "mse")
 
 

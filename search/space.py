@@ -1,6 +1,7 @@
 """The search space: sweep-YAML parameter specs -> Optuna distributions and back to training configs.
 
-A space entry is keyed by a ``TrainConfig`` field (``gradient_weight``) or a dotted path into the
+A space entry is keyed by a ``TrainConfig`` field (``gradient_weight``), the weight of a plug-in task's own
+loss term (``edge_weight``, see :mod:`trainables.terms`) or a dotted path into the
 free-form ``data``/``model`` sections (``model.hidden_channels``). Its value is either a
 distribution spec (a mapping with ``type``) or a fixed value:
 
@@ -26,7 +27,8 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, Union
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from losstune.trainables.config import TrainConfig
+from losstune.trainables.config import ConfigError, TrainConfig
+from losstune.trainables.terms import loss_terms
 
 # fields that cannot be searched: ``task`` changes the problem, ``epochs`` is the ASHA budget,
 # ``composite_weights`` defines the objective (scores of different weights are not comparable)
@@ -242,16 +244,27 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=repr)
 
 
-def check_key(key: str) -> None:
-    """A space key must be a searchable TrainConfig field or a dotted path into data/model."""
+def config_keys(task: str | None) -> set[str]:
+    """The top-level keys of a training config of ``task``: the fields and its terms' weights."""
+    keys = set(TrainConfig.model_fields)
+    if task is not None:
+        try:
+            keys.update(term.weight_key for term in loss_terms(task))
+        except ConfigError:  # an unknown task is reported as train.task
+            pass
+    return keys
+
+
+def check_key(key: str, task: str | None = None) -> None:
+    """A space key must be a searchable training config key of ``task`` or a dotted path into data/model."""
     path = f"space.{key}"
     if not isinstance(key, str) or not key:
         raise SpaceError(path, "a space key must be a non-empty string")
     parts = key.split(".")
     head = parts[0]
-    if head not in TrainConfig.model_fields:
+    if head not in TrainConfig.model_fields and head not in (known := config_keys(task)):
         raise SpaceError(path, f"{head!r} is not a training config field; known fields: "
-                               f"{', '.join(sorted(TrainConfig.model_fields))} "
+                               f"{', '.join(sorted(known))} "
                                f"(or a dotted path into {'/'.join(DICT_SECTIONS)}, e.g. model.hidden_channels)")
     if head in UNSEARCHABLE:
         raise SpaceError(path, f"cannot be searched: {UNSEARCHABLE[head]}")
@@ -263,9 +276,9 @@ def check_key(key: str) -> None:
         raise SpaceError(path, "malformed dotted path")
 
 
-def parse_entry(key: str, raw: Any) -> ParamSpec | FixedParam:
+def parse_entry(key: str, raw: Any, task: str | None = None) -> ParamSpec | FixedParam:
     """One space entry -> a param spec, or :class:`FixedParam` for a fixed value."""
-    check_key(key)
+    check_key(key, task)
     if not (isinstance(raw, Mapping) and "type" in raw):
         return FixedParam(type="fixed", value=copy.deepcopy(raw))
     if raw.get("type") not in PARAM_TYPES:
@@ -285,12 +298,15 @@ def parse_entry(key: str, raw: Any) -> ParamSpec | FixedParam:
         raise SpaceError(".".join([f"space.{key}", *loc]), msg) from None
 
 
-def parse_space(raw: Mapping[str, Any]) -> tuple[dict[str, ParamSpec], dict[str, Any]]:
-    """The space section -> (searched params, fixed values), both keyed by (dotted) field."""
+def parse_space(raw: Mapping[str, Any], task: str | None = None) -> tuple[dict[str, ParamSpec], dict[str, Any]]:
+    """The space section -> (searched params, fixed values), both keyed by (dotted) field.
+
+    ``task`` adds the weights of its own loss terms (:mod:`trainables.terms`) to the valid keys.
+    """
     params: dict[str, ParamSpec] = {}
     fixed: dict[str, Any] = {}
     for key, value in raw.items():
-        entry = parse_entry(key, value)
+        entry = parse_entry(key, value, task)
         if isinstance(entry, FixedParam):
             fixed[key] = entry.value
         else:
@@ -356,7 +372,7 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, ParamSpec], sampl
 def default_value(spec: ParamSpec, base: Mapping[str, Any], key: str) -> Any:
     """A sensible value for a param a point does not name: the base config's, when inside the space."""
     current = get_path(base, key, None)
-    if current is None and "." not in key:
+    if current is None and key in TrainConfig.model_fields:
         current = TrainConfig.model_fields[key].default
     if current is not None and spec.contains(current):
         return copy.deepcopy(current)

@@ -1,7 +1,8 @@
 """A user's task defined outside losstune, named in config as ``plugin_task:build``.
 
 Denoising of smooth random images: the smallest real image-to-image task that still
-exercises the plug-in path end to end.
+exercises the plug-in path end to end. ``plugin_task:build_with_edges`` is the same task with a
+loss term of its own (``edge``, weight ``edge_weight``), declared through the loss-term registry.
 """
 
 import torch
@@ -11,6 +12,9 @@ from losstune.losses.combined import WeightedLoss
 from losstune.losses.gradient import gradient_loss
 from losstune.losses.pixel import mse_loss
 from losstune.trainables.task import Task
+from losstune.trainables.terms import PIXEL, LossTerm, declare_terms, weighted_loss
+
+EDGE = LossTerm("edge", default_weight=0.0, warmup=True)
 
 
 def _images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -19,14 +23,34 @@ def _images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def build(config) -> Task:
-    size = int(config.data.get("size", 16))
-    g = torch.Generator().manual_seed(config.seed)
-    clean = _images(48, size, g)
-    noisy = (clean + 0.15 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
     loss = WeightedLoss(
         {"pixel": lambda pred, target, **_: mse_loss(pred, target),
          "gradient": lambda pred, target, **_: gradient_loss(pred, target)},
         {"pixel": config.pixel_weight, "gradient": config.gradient_weight})
+    return _denoise(config, loss, ("pixel_weight", "gradient_weight"))
+
+
+def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the images' Laplacians (a term losstune does not ship)."""
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=pred.dtype,
+                          device=pred.device).view(1, 1, 3, 3).repeat(pred.shape[1], 1, 1, 1)
+    laplacian = lambda x: nn.functional.conv2d(x, kernel, groups=x.shape[1])  # noqa: E731
+    return (laplacian(pred) - laplacian(target)).abs().mean()
+
+
+@declare_terms(PIXEL, EDGE)
+def build_with_edges(config) -> Task:
+    functions = {"pixel": lambda pred, target, **_: mse_loss(pred, target),
+                 "edge": lambda pred, target, **_: edge_loss(pred, target)}
+    loss = weighted_loss(build_with_edges.loss_terms, functions, config)
+    return _denoise(config, loss, tuple(term.weight_key for term in build_with_edges.loss_terms))
+
+
+def _denoise(config, loss: WeightedLoss, weight_names: tuple[str, ...]) -> Task:
+    size = int(config.data.get("size", 16))
+    g = torch.Generator().manual_seed(config.seed)
+    clean = _images(48, size, g)
+    noisy = (clean + 0.15 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
 
     def build_model() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1), nn.Sigmoid())
@@ -43,7 +67,7 @@ def build(config) -> Task:
         predict=lambda model, batch: model(batch["input"]),
         target=lambda batch: batch["target"],
         baseline=lambda batch: batch["input"],
-        weight_names=("pixel_weight", "gradient_weight"),
+        weight_names=weight_names,
     )
 
 

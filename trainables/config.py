@@ -2,16 +2,23 @@
 
 Loss weights are top-level keys (``gradient_weight``, ``perceptual_weight`` ...) so a search
 space names them directly; task-specific settings live in the ``data`` and ``model`` dicts
-and are validated by the task itself (errors name e.g. ``data.size``).
+and are validated by the task itself (errors name e.g. ``data.size``). The built-in weights are
+fields here; a plug-in task's own terms (:mod:`trainables.terms`) add their ``<term>_weight`` keys
+for that task only, read as ``config.<term>_weight``.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Literal, Mapping
 
 from losstune.losses.metrics import DEFAULT_COMPOSITE_WEIGHTS
+from losstune.trainables import terms
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# a model-level check whose message starts with the field it is about ("device: ...")
+_FIELD_MESSAGE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): ")
 
 
 class ConfigError(ValueError):
@@ -19,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # extra keys are accepted only when they are weights of the task's own declared terms (_check_extra)
+    model_config = ConfigDict(extra="allow")
 
     task: str = "microstructure"
     seed: int = 0
@@ -35,14 +43,14 @@ class TrainConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1)
 
     # loss weights and loss settings
-    pixel_weight: float = Field(1.0, ge=0)
+    pixel_weight: float = Field(terms.PIXEL.default_weight, ge=0)
     pixel_loss: Literal["mse", "l1", "charbonnier"] = "mse"
-    gradient_weight: float = Field(0.0, ge=0)
+    gradient_weight: float = Field(terms.GRADIENT.default_weight, ge=0)
     gradient_mode: Literal["match", "sharpen"] = "match"
-    perceptual_weight: float = Field(0.0, ge=0)
+    perceptual_weight: float = Field(terms.PERCEPTUAL.default_weight, ge=0)
     perceptual_weights_path: str | None = None
-    intensity_weight: float = Field(0.0, ge=0)
-    diffusion_weight: float = Field(1.0, ge=0)
+    intensity_weight: float = Field(terms.INTENSITY.default_weight, ge=0)
+    diffusion_weight: float = Field(terms.DIFFUSION.default_weight, ge=0)
     warmup_steps: int = Field(0, ge=0)
     solidification_weighting: bool = False
     T_solidus: float = 1600.0
@@ -66,6 +74,29 @@ class TrainConfig(BaseModel):
         return {"name": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
+    def _check_extra(self) -> "TrainConfig":
+        """Extra keys must be weights of the task's declared terms; missing ones take their default."""
+        extra = self.__pydantic_extra__
+        declared = {}
+        if extra or ":" in self.task:  # only a plug-in declares weights beyond the fields
+            try:
+                declared = {t.weight_key: t for t in terms.loss_terms(self.task)
+                            if t.weight_key not in type(self).model_fields}
+            except ConfigError:
+                if extra:  # the keys cannot be checked: the task is the problem
+                    raise
+        for key in extra:
+            if key not in declared:
+                raise ValueError(f"{key}: unknown key (not allowed here)")
+        for key, term in declared.items():
+            value = extra.get(key, term.default_weight)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ValueError(f"{key}: must be a finite number >= 0, got {value!r}")
+            extra[key] = float(value)
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.T_solidus >= self.T_liquidus:
             raise ValueError(f"T_solidus ({self.T_solidus}) must be below T_liquidus ({self.T_liquidus})")
@@ -85,8 +116,11 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
         msg = e["msg"].removeprefix("Value error, ")
+        named = _FIELD_MESSAGE.match(msg) if not loc else None
+        if named:  # a model-level check about one field: name it in the path
+            loc, msg = named.group(1), msg[named.end():]
+        path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
         lines.append(f"{path}: {msg}")
     return "\n".join(lines)
 

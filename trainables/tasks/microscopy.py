@@ -13,11 +13,14 @@ Models (``model.name``):
   where the image terms compare the predicted x0 with the target. Validation predictions are
   deterministic DDIM samples (``model.sampling_steps`` steps, fixed noise seed).
 
-In both the intensity weight ramps up linearly over ``warmup_steps`` optimiser steps.
+In both the intensity weight ramps up linearly over ``warmup_steps`` optimiser steps. The terms are
+declared in :data:`LOSS_TERMS` (see :mod:`trainables.terms`); the primary term is pixel for unet,
+diffusion for ddpm.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -34,6 +37,8 @@ from losstune.trainables.data.paired_folder import load_paired_folders
 from losstune.trainables.models.ddpm import ConditionalDDPM
 from losstune.trainables.models.unet import UNet
 from losstune.trainables.task import Batch, Task
+from losstune.trainables.terms import (DIFFUSION, GRADIENT, INTENSITY, PERCEPTUAL, PIXEL, config_weights,
+                                       declare_terms, weighted_loss)
 
 # the fixed seed of the DDIM starting noise at evaluation: the same model gives the same predictions
 EVAL_SEED = 0
@@ -120,14 +125,20 @@ def load_data(data: MicroscopyData, seed: int) -> tuple[Batch, Batch]:
     return {"input": train_wf, "target": train_tp}, {"input": val_wf, "target": val_tp}
 
 
-def _weighted_loss(terms, weights, warmup, model_name: str) -> WeightedLoss:
+LOSS_TERMS = (dataclasses.replace(PIXEL, models=("unet",)), dataclasses.replace(DIFFUSION, models=("ddpm",)),
+              dataclasses.replace(INTENSITY, warmup=True), GRADIENT, PERCEPTUAL)
+
+
+def _weighted_loss(functions, config: TrainConfig, model_name: str) -> WeightedLoss:
+    weights = config_weights([t for t in LOSS_TERMS if t.name in functions], config)
     if not any(w > 0 for w in weights.values()):
         names = ", ".join(f"{name}_weight" for name in weights)
         raise ConfigError(f"{names}: all loss weights of the microscopy task (model.name={model_name}) are 0; "
                           "nothing to optimise")
-    return WeightedLoss(terms, weights, warmup=warmup)
+    return weighted_loss(LOSS_TERMS, functions, config)
 
 
+@declare_terms(*LOSS_TERMS)
 def build(config: TrainConfig) -> Task:
     """The microscopy task for ``config`` (``data``/``model`` sections validated, errors name the field)."""
     data = parse_section(MicroscopyData, config.data, "data")
@@ -135,7 +146,7 @@ def build(config: TrainConfig) -> Task:
     train, val = load_data(data, config.seed if data.seed is None else data.seed)
 
     loss_modules: list[nn.Module] = []
-    terms = {
+    functions = {
         "intensity": lambda pred, target, **_: intensity_weighted_loss(pred, target),
         "gradient": lambda pred, target, **_: gradient_loss(pred, target, mode=config.gradient_mode),
     }
@@ -148,17 +159,12 @@ def build(config: TrainConfig) -> Task:
             raise ConfigError(f"perceptual_weights_path: {err}") from None
         perceptual.requires_grad_(False)
         loss_modules.append(perceptual)
-        terms["perceptual"] = lambda pred, target, **_: perceptual(pred, target)
-    weights = {"intensity": config.intensity_weight, "gradient": config.gradient_weight}
-    if "perceptual" in terms:
-        weights["perceptual"] = config.perceptual_weight
-    warmup = {"intensity": config.warmup_steps} if config.warmup_steps > 0 else None
+        functions["perceptual"] = lambda pred, target, **_: perceptual(pred, target)
 
     if arch.name == "unet":
         pixel = PIXEL_LOSSES[config.pixel_loss]
-        terms["pixel"] = lambda pred, target, **_: pixel(pred, target)
-        weights["pixel"] = config.pixel_weight
-        loss = _weighted_loss(terms, weights, warmup, arch.name)
+        functions["pixel"] = lambda pred, target, **_: pixel(pred, target)
+        loss = _weighted_loss(functions, config, arch.name)
 
         def build_model() -> nn.Module:
             return UNet(1, 1, arch.base_channels, arch.depth, out_activation="sigmoid")
@@ -168,12 +174,9 @@ def build(config: TrainConfig) -> Task:
 
         def predict(model, batch):
             return model(batch["input"])
-
-        weight_names = ("pixel_weight", "gradient_weight", "intensity_weight", "perceptual_weight")
     else:
-        terms["diffusion"] = lambda eps_pred, eps, **_: diffusion_loss(eps_pred, eps)
-        weights["diffusion"] = config.diffusion_weight
-        loss = _weighted_loss(terms, weights, warmup, arch.name)
+        functions["diffusion"] = lambda eps_pred, eps, **_: diffusion_loss(eps_pred, eps)
+        loss = _weighted_loss(functions, config, arch.name)
 
         def build_model() -> nn.Module:
             return ConditionalDDPM(arch.base_channels, arch.depth, arch.timesteps, arch.schedule, arch.sampling_steps)
@@ -185,8 +188,6 @@ def build(config: TrainConfig) -> Task:
         def predict(model, batch):
             return model.sample(batch["input"], arch.sampling_steps, seed=EVAL_SEED)
 
-        weight_names = ("diffusion_weight", "intensity_weight", "gradient_weight", "perceptual_weight")
-
     return Task(
         name="microscopy",
         train=train,
@@ -196,7 +197,7 @@ def build(config: TrainConfig) -> Task:
         predict=predict,
         target=lambda batch: batch["target"],
         baseline=lambda batch: batch["input"],
-        weight_names=weight_names,
+        weight_names=tuple(t.weight_key for t in LOSS_TERMS if t.used_by(arch.name)),
         inputs_for_display=lambda batch: batch["input"],
         loss_modules=loss_modules,
     )

@@ -23,11 +23,13 @@ weight ``pixel_weight``), ``gradient`` (``gradient_mode``, weight ``gradient_wei
 ``perceptual`` (only when ``perceptual_weight > 0``; ``perceptual_weights_path``). With
 ``solidification_weighting`` the pixel and gradient terms are weighted per pixel by
 :func:`losses.weighting.solidification_weights` of the target's temperature (``T_solidus``,
-``T_liquidus``). ``warmup_steps`` ramps the gradient and perceptual weights up from 0.
+``T_liquidus``). ``warmup_steps`` ramps the gradient and perceptual weights up from 0. The terms are
+declared in :data:`LOSS_TERMS` (see :mod:`trainables.terms`); pixel is the primary term.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Mapping
 
 import numpy as np
@@ -45,6 +47,7 @@ from losstune.trainables.data.npz_sequences import load_npz_sequences
 from losstune.trainables.data.solidification import Sequences, generate_sequences, normalise_temperature
 from losstune.trainables.models.convlstm import ConvLSTMNet
 from losstune.trainables.task import Batch, LossResult, Task
+from losstune.trainables.terms import GRADIENT, PERCEPTUAL, PIXEL, declare_terms, weighted_loss
 
 PIXEL_LOSSES = {"mse": mse_loss, "l1": l1_loss, "charbonnier": charbonnier_loss}
 
@@ -148,6 +151,9 @@ def build_data(data: MicrostructureData, config: TrainConfig) -> tuple[Batch, Ba
 
 # ----- loss ----------------------------------------------------------------------------------------
 
+LOSS_TERMS = (PIXEL, dataclasses.replace(GRADIENT, warmup=True), dataclasses.replace(PERCEPTUAL, warmup=True))
+
+
 def build_loss(config: TrainConfig) -> tuple[WeightedLoss, list[nn.Module]]:
     """The weighted loss of this task and the modules it owns (the perceptual network, if used)."""
     pixel_fn = PIXEL_LOSSES[config.pixel_loss]
@@ -159,8 +165,7 @@ def build_loss(config: TrainConfig) -> tuple[WeightedLoss, list[nn.Module]]:
     def gradient(pred, target, weight=None, **_):
         return gradient_loss(pred, target, mode=mode, weight=weight)
 
-    terms = {"pixel": pixel, "gradient": gradient}
-    weights = {"pixel": config.pixel_weight, "gradient": config.gradient_weight}
+    functions = {"pixel": pixel, "gradient": gradient}
     modules: list[nn.Module] = []
     if config.perceptual_weight > 0:
         perceptual_net = PerceptualLoss(in_channels=3, weights_path=config.perceptual_weights_path)
@@ -168,11 +173,9 @@ def build_loss(config: TrainConfig) -> tuple[WeightedLoss, list[nn.Module]]:
         def perceptual(pred, target, **_):
             return perceptual_net(pred, target)
 
-        terms["perceptual"] = perceptual
-        weights["perceptual"] = config.perceptual_weight
+        functions["perceptual"] = perceptual
         modules.append(perceptual_net)
-    warmup = {name: config.warmup_steps for name in ("gradient", "perceptual") if name in terms}
-    return WeightedLoss(terms, weights, warmup=warmup if config.warmup_steps > 0 else None), modules
+    return weighted_loss(LOSS_TERMS, functions, config), modules
 
 
 # ----- task ----------------------------------------------------------------------------------------
@@ -185,6 +188,7 @@ def _check_size(model_cfg: ConvLSTMConfig, height: int, width: int, source: str)
                           f"2**{levels - 1}={multiple}; {source} is {height}×{width}")
 
 
+@declare_terms(*LOSS_TERMS)
 def build(config: Mapping | TrainConfig) -> Task:
     """The microstructure task for ``config`` (see the module docstring for its keys)."""
     config = parse_train_config(config)
@@ -230,7 +234,7 @@ def build(config: Mapping | TrainConfig) -> Task:
         predict=lambda model, batch: model(batch["frames"]),
         target=lambda batch: batch["target"],
         baseline=last_frame,
-        weight_names=("pixel_weight", "gradient_weight", "perceptual_weight"),
+        weight_names=tuple(term.weight_key for term in LOSS_TERMS),
         inputs_for_display=last_frame,
         loss_modules=loss_modules,
     )
