@@ -14,6 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from losstune.search import space as sp
 from losstune.search.config import Sweep
+from losstune.search.internals import is_finished_in_storage, searcher_completed, searcher_trials
 
 # user attribute of every Optuna trial: the Tune trial it belongs to (also handy in optuna-dashboard)
 TUNE_TRIAL_ATTR = "tune_trial_id"
@@ -39,20 +40,21 @@ class TrialIdOptunaSearch(OptunaSearch):
     resume can tell which Optuna trials belonged to trials Tune no longer knows (:func:`fail_lost_trials`)."""
 
     def suggest(self, trial_id: str):
-        new = trial_id not in self._ot_trials
+        trials = searcher_trials(self)
+        new = trial_id not in trials
         params = super().suggest(trial_id)
-        if new and trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        if new and trial_id in trials:
+            trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return params
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
         # a resume from a snapshot taken between a trial's last checkpoint and its end completes it again
         # (from that checkpoint, training nothing): Optuna has its value already, telling twice only warns
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and trial_id not in self._completed_trials:
-            if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-                self._completed_trials.add(trial_id)
-                return
+        ot_trial = searcher_trials(self).get(trial_id)
+        completed = searcher_completed(self)
+        if ot_trial is not None and trial_id not in completed and is_finished_in_storage(self, ot_trial):
+            completed.add(trial_id)
+            return
         super().on_trial_complete(trial_id, result=result, error=error)
 
 

@@ -36,6 +36,7 @@ import yaml
 from losstune.search import space as sp
 from losstune.search.config import Sweep, SweepConfigError, load_sweep
 from losstune.search.interrupts import first_ctrl_c_sets_event
+from losstune.search.internals import RAY_TOKEN_AUTH_LOGGER, ray_session_root
 from losstune.search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
 from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
@@ -123,7 +124,7 @@ def _only_trials_without_results(message: str) -> bool:
 # Ray 2.60 turns token authentication on for every new local cluster (good: README, Security) and says so
 # with a WARNING on every sweep, which reads like something went wrong; "token authentication is disabled"
 # (RAY_AUTH_MODE=disabled) still shows
-_TOKEN_AUTH_NOTICE = ("ray._private.authentication.authentication_token_setup",
+_TOKEN_AUTH_NOTICE = (RAY_TOKEN_AUTH_LOGGER,
                       lambda m: m.startswith("Token authentication is enabled"))
 # after Ctrl-C Tune says to resume with Tuner.restore(...); losstune prints its own --resume command instead
 _TUNE_RESTORE_HINT = ("ray.tune.tune", lambda m: m.startswith("Experiment has been interrupted"))
@@ -449,8 +450,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
 def _ray_session_root() -> Path | None:
     """The folder holding this machine's Ray session folders (``/tmp/ray`` unless Ray was told otherwise)."""
     try:
-        import ray
-        return Path(ray._private.worker._global_node.get_session_dir_path()).parent
+        return ray_session_root()
     except Exception:  # noqa: BLE001 - not a local node: no staging copies to look at
         return None
 

@@ -1,0 +1,44 @@
+"""Every use of Ray's and Optuna's private internals, behind one small named function each.
+
+losstune relies on a few things these libraries do not promise: the attributes of Ray's
+``OptunaSearch`` that map Tune trials to Optuna trials, the storage behind an Optuna study, the
+folder of the local Ray node's session, and the name of the logger Ray's token-authentication
+notice comes from. Each assumption has its own test in tests/test_internals.py, so a Ray or Optuna
+upgrade that changes one fails there, and only there (pyproject.toml caps both versions for this).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# the logger of Ray's "Token authentication is enabled" notice (a private module of Ray)
+RAY_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def searcher_trials(searcher: Any) -> dict[str, Any]:
+    """Ray ``OptunaSearch``: Tune trial id -> the ``optuna.Trial`` it asked for (live mapping)."""
+    return searcher._ot_trials
+
+
+def searcher_completed(searcher: Any) -> set[str]:
+    """Ray ``OptunaSearch``: the Tune trial ids it has already told Optuna the end of (live set)."""
+    return searcher._completed_trials
+
+
+def is_finished_in_storage(searcher: Any, trial: Any) -> bool:
+    """Whether the study's storage holds a finished state for ``trial`` (an ``optuna.Trial`` of ``searcher``).
+
+    Read from the storage, not the trial object: after a resume the object may be stale.
+    """
+    return searcher._ot_study._storage.get_trial(trial._trial_id).state.is_finished()
+
+
+def ray_session_root() -> Path | None:
+    """The folder of this machine's Ray session folders (``/tmp/ray`` unless set), None without a local node."""
+    import ray
+
+    node = ray._private.worker._global_node
+    if node is None:
+        return None
+    return Path(node.get_session_dir_path()).parent

@@ -1,0 +1,74 @@
+"""One test per assumption losstune makes about Ray's and Optuna's private internals (search/internals.py).
+
+A Ray or Optuna release that changes one of them fails here, with the assumption in the test's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from losstune.search import internals
+
+SPACE = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+
+@pytest.fixture
+def searcher(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return OptunaSearch(space=SPACE, metric="score", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
+                        study_name="internals", storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}"))
+
+
+def test_optuna_search_maps_tune_trials_to_optuna_trials(searcher):
+    params = searcher.suggest("trial_a")
+    trials = internals.searcher_trials(searcher)
+    assert isinstance(trials["trial_a"], optuna.Trial)
+    assert trials["trial_a"].params == params
+    trials["trial_a"].set_user_attr("tune_trial_id", "trial_a")  # what TrialIdOptunaSearch does with it
+    assert searcher.suggest("trial_b") is not None and set(trials) == {"trial_a", "trial_b"}  # the live mapping
+
+
+def test_optuna_search_records_the_trials_it_completed(searcher):
+    searcher.suggest("trial_a")
+    assert "trial_a" not in internals.searcher_completed(searcher)
+    searcher.on_trial_complete("trial_a", result={"score": 0.5})
+    assert "trial_a" in internals.searcher_completed(searcher)
+
+
+def test_study_storage_tells_whether_a_trial_finished(searcher):
+    searcher.suggest("trial_a")
+    trial = internals.searcher_trials(searcher)["trial_a"]
+    assert not internals.is_finished_in_storage(searcher, trial)
+    searcher.on_trial_complete("trial_a", result={"score": 0.5})
+    assert internals.is_finished_in_storage(searcher, trial)
+
+
+def test_ray_session_root_without_a_local_node_is_none():
+    code = "from losstune.search.internals import ray_session_root; print(ray_session_root())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "None"
+
+
+def test_ray_session_root_holds_the_session_folders(ray_local):
+    root = internals.ray_session_root()
+    assert isinstance(root, Path) and root.is_dir()
+    assert any(p.name.startswith("session_") for p in root.iterdir())
+
+
+def test_token_auth_notice_comes_from_the_named_logger():
+    spec = importlib.util.find_spec(internals.RAY_TOKEN_AUTH_LOGGER)
+    assert spec is not None, internals.RAY_TOKEN_AUTH_LOGGER
+    module = importlib.import_module(internals.RAY_TOKEN_AUTH_LOGGER)
+    assert module.logger is logging.getLogger(internals.RAY_TOKEN_AUTH_LOGGER)
+    assert "Token authentication is enabled" in inspect.getsource(module)
