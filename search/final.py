@@ -244,9 +244,9 @@ def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mappi
                echo: Callable[[str], None]):
     from mlflow.entities import Param
 
-    from losstune.search.tracking import _client, get_or_create_experiment
+    from losstune.search.tracking import get_or_create_experiment, mlflow_client
     try:
-        client = _client(uri)
+        client = mlflow_client(uri)
         experiment_id = get_or_create_experiment(client, experiment, uri)
         tags = {"losstune.final": "true", "losstune.kind": "final", "losstune.task": config.task,
                 "losstune.config": str(path.resolve())}
@@ -276,9 +276,9 @@ def _reopen_run(uri: str, run_id: str | None, history: list[Mapping[str, Any]], 
     (the state is saved before an epoch is logged); (None, None) when it cannot be reopened."""
     if not run_id:
         return None, None
-    from losstune.search.tracking import _client
+    from losstune.search.tracking import mlflow_client
     try:
-        client = _client(uri)
+        client = mlflow_client(uri)
         client.get_run(run_id)
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "losstune.status", "running")

@@ -88,8 +88,8 @@ def is_mse_only(config: Mapping[str, Any]) -> bool:
 
 
 def _fs_for(results: SweepResults):
-    from losstune.search.trials import _fs_and_path
-    return _fs_and_path(results.info.get("tune_dir") or str(results.sweep_dir))[0]
+    from losstune.search.trials import fs_and_path
+    return fs_and_path(results.info.get("tune_dir") or str(results.sweep_dir))[0]
 
 
 def _checkpoints(fs, trial_path: str) -> list[str]:
@@ -527,10 +527,10 @@ def _log_to_parent(results: SweepResults, out_dir: Path, echo: Callable[[str], N
     if not uri or not run_id:
         echo("[losstune] MLflow was off for this sweep: the report is not logged to a run")
         return False
-    from losstune.search.tracking import _client, set_retry_defaults
+    from losstune.search.tracking import mlflow_client, set_retry_defaults
     set_retry_defaults()
     try:
-        _client(uri).log_artifacts(run_id, str(out_dir), REPORT_DIR)
+        mlflow_client(uri).log_artifacts(run_id, str(out_dir), REPORT_DIR)
     except Exception as err:  # noqa: BLE001
         raise ReportError(f"the report is in {out_dir}, but logging it to MLflow run {run_id} at {uri} failed: "
                           f"{type(err).__name__}: {err}") from err

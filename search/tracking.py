@@ -68,7 +68,8 @@ class TrackingUnavailable(RuntimeError):
 
 
 # ----- small helpers ----------------------------------------------------------------------------
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` of the store at ``uri``."""
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=uri)
 
@@ -158,7 +159,7 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(timeout)))
     try:
-        _client(uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure means we cannot track
         raise TrackingUnavailable(f"MLflow tracking server at {uri} is unreachable: {err}") from None
     finally:
@@ -226,7 +227,7 @@ class SweepTracker:
 
     def __init__(self, uri: str, experiment: str):
         self.uri, self.experiment = uri, experiment
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
         self.run_id: str | None = None
 
@@ -284,7 +285,7 @@ def backfill_runs(uri: str, runs: Mapping[str, Mapping[str, Any]],
     """
     from mlflow.entities import Metric, RunTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     counts = {"runs": 0, "metrics": 0, "statuses": 0}
     for trial_id, entry in runs.items():
         run_id = entry.get("run_id")
@@ -566,7 +567,7 @@ class TrackingCallback(tune.Callback):
             if self.tracking_uri and self._pending() and time.monotonic() >= next_try:
                 try:
                     if client is None:
-                        client = _client(self.tracking_uri)
+                        client = mlflow_client(self.tracking_uri)
                     self._sync(client)
                     if failures:
                         logger.warning("MLflow is reachable again; pending metrics written")

@@ -91,7 +91,8 @@ def pareto_front(df: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFrame:
 
 
 # ----- reading ----------------------------------------------------------------------------------
-def _fs_and_path(path: str):
+def fs_and_path(path: str):
+    """(pyarrow filesystem, path within it) of a local folder or a storage URI (``s3://...``)."""
     import pyarrow.fs as pafs
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
@@ -154,7 +155,7 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
     param_names = list(info.get("params") or (list(sweep.params) if sweep else []))
     sweep_ended = info.get("status") in ("finished", "failed")
 
-    fs, base = _fs_and_path(tune_dir)
+    fs, base = fs_and_path(tune_dir)
     import pyarrow.fs as pafs
     try:
         entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
