@@ -25,13 +25,14 @@ import yaml
 
 from losstune.search.config import SweepConfigError, check_tracking_uri, read_yaml, resolve_tracking_uri
 from losstune.search.interrupts import first_ctrl_c_sets_event
+from losstune.search.status import TrialStatus
 from losstune.search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
                              param_value, write_json_atomic)
 from losstune.trainables.config import ConfigError, TrainConfig, parse_train_config
 from losstune.trainables.loop import STATE_FILE, TrainingStopped
 
 PROGRESS_FILE = "train.json"
-ENDED = ("finished", "diverged")
+ENDED = (TrialStatus.FINISHED, TrialStatus.DIVERGED)  # a final training that will not continue
 # settings a resumed training may change: where it runs, not what it trains
 RESUME_MAY_CHANGE = ("device", "num_threads")
 
@@ -205,15 +206,15 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
         _write_progress(out_dir, config, "interrupted", saved_epoch, run_id)
         if client is not None:
             def killed() -> None:
-                client.set_tag(run_id, "losstune.status", "interrupted")
-                client.set_terminated(run_id, status="KILLED")
+                client.set_tag(run_id, "losstune.status", TrialStatus.INTERRUPTED.value)
+                client.set_terminated(run_id, status=TrialStatus.INTERRUPTED.run_status)
             best_effort(killed, echo)
         raise FinalInterrupted(saved_epoch, config.epochs, out_dir) from None
     except BaseException:
         bar.close()
         _write_progress(out_dir, config, "failed", saved_epoch, run_id)
         if client is not None:
-            best_effort(lambda: client.set_terminated(run_id, status="FAILED"), echo)
+            best_effort(lambda: client.set_terminated(run_id, status=TrialStatus.FAILED.run_status), echo)
         raise
     bar.close()
 
@@ -234,7 +235,7 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
             client.log_artifact(run_id, str(config_path))
             client.log_artifact(run_id, str(model_path))
             client.set_tag(run_id, "losstune.status", result.status)
-            client.set_terminated(run_id, status="FINISHED" if result.status != "diverged" else "FAILED")
+            client.set_terminated(run_id, status=TrialStatus(result.status).run_status)
         best_effort(finish, echo)
     return FinalOutcome(result.status, out_dir, model_path, config_path,
                         {k: v for k, v in result.metrics.items()}, run_id, list(result.history))
@@ -281,7 +282,7 @@ def _reopen_run(uri: str, run_id: str | None, history: list[Mapping[str, Any]], 
         client = mlflow_client(uri)
         client.get_run(run_id)
         client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "losstune.status", "running")
+        client.set_tag(run_id, "losstune.status", TrialStatus.RUNNING.value)
         logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
         for epoch, metrics in enumerate(history, start=1):
             if epoch not in logged:

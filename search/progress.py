@@ -19,8 +19,13 @@ from typing import Any, Callable, Iterable
 
 from ray import tune
 
+from losstune.search.status import TrialStatus
+
 DEFAULT_INTERVAL = 10.0
 QUIET_REPRINT_S = 60.0
+# what the status line counts
+COUNTED = (TrialStatus.RUNNING, TrialStatus.PENDING, TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY,
+           TrialStatus.DIVERGED, TrialStatus.FAILED, TrialStatus.INTERRUPTED)
 
 
 def progress_interval(default: float = DEFAULT_INTERVAL) -> float:
@@ -43,21 +48,16 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{m:02d}m"
 
 
-def classify(trial, max_epochs: int) -> str:
-    """running | pending | finished | stopped | diverged | failed for a Tune trial."""
+def classify(trial, max_epochs: int) -> TrialStatus:
+    """How a Tune trial stands: pending, running, failed, or (terminated) as :meth:`TrialStatus.of_completed`."""
     status = getattr(trial, "status", "PENDING")
-    last = getattr(trial, "last_result", None) or {}
     if status == "ERROR":
-        return "failed"
+        return TrialStatus.FAILED
     if status == "TERMINATED":
-        if float(last.get("diverged") or 0) >= 1:
-            return "diverged"
-        if int(last.get("training_iteration") or 0) < max_epochs:
-            return "stopped"
-        return "finished"
+        return TrialStatus.of_completed(getattr(trial, "last_result", None), max_epochs)
     if status in ("RUNNING", "PAUSED"):
-        return "running"
-    return "pending"
+        return TrialStatus.RUNNING
+    return TrialStatus.PENDING
 
 
 class SweepStatus(tune.Callback):
@@ -134,40 +134,40 @@ class SweepStatus(tune.Callback):
         if isinstance(t, (int, float)) and math.isfinite(t):
             self._ended_times[trial.trial_id] = float(t)
 
-    def counts(self, trials: Iterable[Any]) -> dict[str, int]:
-        counts = dict.fromkeys(("running", "pending", "finished", "stopped", "diverged", "failed", "interrupted"), 0)
+    def counts(self, trials: Iterable[Any]) -> dict[TrialStatus, int]:
+        counts = dict.fromkeys(COUNTED, 0)
         for t in trials:
             kind = classify(t, self.max_epochs)
             # Ctrl-C: Tune terminates the running (or starting) trials without completing them; --resume
             # continues them. A trial completed in an earlier run of the sweep was never seen running here.
-            if kind in ("finished", "stopped") and t.trial_id not in self._completed and (
+            if kind in (TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY) and t.trial_id not in self._completed and (
                     t.trial_id in self._live or not (getattr(t, "last_result", None) or {}).get("training_iteration")):
-                kind = "interrupted"
+                kind = TrialStatus.INTERRUPTED
             counts[kind] += 1
         return counts
 
-    def eta(self, trials: list, counts: dict[str, int]) -> float | None:
-        ended = counts["finished"] + counts["stopped"] + counts["diverged"] + counts["failed"]
+    def eta(self, trials: list, counts: dict[TrialStatus, int]) -> float | None:
+        ended = sum(n for status, n in counts.items() if status.ended)
         left = max(0, self.total - ended)
         if left == 0:
             return 0.0
-        parallel = max(1, counts["running"], min(self.max_concurrent or 1, left))
+        parallel = max(1, counts[TrialStatus.RUNNING], min(self.max_concurrent or 1, left))
         if self._ended_times:
             mean = sum(self._ended_times.values()) / len(self._ended_times)
             # the running ones are partly done: count their remaining share
             running_left = 0.0
             for t in trials:
-                if classify(t, self.max_epochs) == "running":
+                if classify(t, self.max_epochs) is TrialStatus.RUNNING:
                     done = float((getattr(t, "last_result", None) or {}).get("time_total_s") or 0.0)
                     running_left += max(0.0, mean - done)
-            queued = max(0, left - counts["running"])
+            queued = max(0, left - counts[TrialStatus.RUNNING])
             return (running_left + queued * mean) / parallel
         # nothing ended yet: per-epoch time of the running trials
         per_epoch, epochs_done = [], []
         for t in trials:
             last = getattr(t, "last_result", None) or {}
             iters = int(last.get("training_iteration") or 0)
-            if classify(t, self.max_epochs) == "running" and iters > 0:
+            if classify(t, self.max_epochs) is TrialStatus.RUNNING and iters > 0:
                 per_epoch.append(float(last.get("time_total_s") or 0.0) / iters)
                 epochs_done.append(iters)
         if not per_epoch:
@@ -179,12 +179,14 @@ class SweepStatus(tune.Callback):
     def status_line(self, trials, final: bool = False) -> str:
         trials = list(trials)
         c = self.counts(trials)
-        ended = c["finished"] + c["stopped"] + c["diverged"] + c["failed"]
-        parts = [f"{ended}/{self.total} done ({c['finished']} finished, {c['stopped']} stopped, "
-                 f"{c['diverged']} diverged" + (f", {c['failed']} failed" if c["failed"] else "")
-                 + (f", {c['interrupted']} interrupted" if c["interrupted"] else "") + ")"]
+        ended = sum(n for status, n in c.items() if status.ended)
+        always = (TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY, TrialStatus.DIVERGED)
+        done = [f"{c[s]} {s.label}" for s in always]
+        done += [f"{c[s]} {s.label}" for s in (TrialStatus.FAILED, TrialStatus.INTERRUPTED) if c[s]]
+        parts = [f"{ended}/{self.total} done ({', '.join(done)})"]
         if not final:
-            parts.append(f"{c['running']} running" + (f", {c['pending']} pending" if c["pending"] else ""))
+            running, pending = c[TrialStatus.RUNNING], c[TrialStatus.PENDING]
+            parts.append(f"{running} running" + (f", {pending} pending" if pending else ""))
         if self._best is not None:
             parts.append(f"best composite {self._best[0]:.4f} ({self._best[1]})")
         elapsed = time.monotonic() - self._started

@@ -37,7 +37,8 @@ from losstune.search import space as sp
 from losstune.search.config import Sweep, SweepConfigError, load_sweep
 from losstune.search.interrupts import first_ctrl_c_sets_event
 from losstune.search.internals import RAY_TOKEN_AUTH_LOGGER, ray_session_root
-from losstune.search.tracking import (TERMINAL, ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
+from losstune.search.status import TrialStatus
+from losstune.search.tracking import (ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
 from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
     write_reports
@@ -366,7 +367,8 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
             shutil.rmtree(sweep_dir, ignore_errors=True)
         if tracker is not None and tracker.run_id:
             try:
-                tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                tracker.finish((TrialStatus.INTERRUPTED if isinstance(err, KeyboardInterrupt)
+                                else TrialStatus.FAILED).run_status)
             except Exception:  # noqa: BLE001
                 pass
         if isinstance(err, KeyboardInterrupt):
@@ -382,7 +384,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
         out("[losstune] interrupted")
     except TuneStateDamaged as err:  # nothing ran: the sweep stays as the killed run left it
         if tracker is not None:
-            best_effort(lambda: tracker.finish("KILLED"), out)
+            best_effort(lambda: tracker.finish(TrialStatus.INTERRUPTED.run_status), out)
         raise SweepInputError(str(err)) from None
     except Exception as err:
         info["status"] = "failed"
@@ -392,7 +394,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
         if callback is not None:
             callback.close(timeout=10)
         if tracker is not None:
-            best_effort(lambda: tracker.finish("FAILED"), out)
+            best_effort(lambda: tracker.finish(TrialStatus.FAILED.run_status), out)
         raise SweepRuntimeError(f"the sweep failed: {type(err).__name__}: {err}") from err
 
     callback = callback or TrackingCallback.for_sweep(sweep_dir)
@@ -400,7 +402,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
     unfinished = []
     if results is not None:
         statuses = callback.statuses() if callback is not None else {}
-        ended = {t for t, st in statuses.items() if st in TERMINAL}
+        ended = {t for t, st in statuses.items() if TrialStatus(st).ended}
         unfinished = [t for t in results.table["trial_id"] if t not in ended]
         n_ended = len(ended)
     else:
@@ -603,7 +605,7 @@ def _finish_parent(tracker: SweepTracker, results: SweepResults | None, outcome:
                 tracker.log_artifact(outcome.sweep_dir / name)
     for path in outcome.exported:
         tracker.log_artifact(path)
-    tracker.finish({"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+    tracker.finish(TrialStatus(status).run_status)  # a sweep ends finished, interrupted or failed
 
 
 def _print_summary(results: SweepResults, exported: list[Path], out: Callable[[str], None]) -> None:

@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ray import tune
 
+from losstune.search.status import TrialStatus
+
 logger = logging.getLogger("losstune.tracking")
 
 RUNS_FILE = "mlflow_runs.json"
@@ -53,11 +55,6 @@ TUNE_KEYS = {
     "timesteps_this_iter", "pid", "training_iteration", "done", "date", "hostname", "node_ip", "node_id", "trial_id",
     "experiment_id", "experiment_tag", "config", "should_checkpoint", "checkpoint_dir_name", "warmup_time",
 }
-# losstune.status -> MLflow run status
-RUN_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "diverged": "FAILED", "failed": "FAILED",
-              "interrupted": "KILLED", "lost": "KILLED"}
-TERMINAL = {"finished", "stopped_early", "diverged", "failed"}  # the trial ended and counts towards num_samples
-LOST = "lost"  # started after Tune's last snapshot, then the driver died: never run again, not counted
 MAX_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags)
 MAX_PARAMS = 100
 PARAM_LEN = 500
@@ -68,6 +65,12 @@ class TrackingUnavailable(RuntimeError):
 
 
 # ----- small helpers ----------------------------------------------------------------------------
+def _ended_or_lost(entry: Mapping[str, Any]) -> bool:
+    """A trial of ``mlflow_runs.json`` that will not run again in this sweep."""
+    status = TrialStatus(entry.get("status") or TrialStatus.RUNNING)
+    return status.ended or status is TrialStatus.LOST
+
+
 def mlflow_client(uri: str):
     """An ``MlflowClient`` of the store at ``uri``."""
     from mlflow.tracking import MlflowClient
@@ -304,15 +307,15 @@ def backfill_runs(uri: str, runs: Mapping[str, Mapping[str, Any]],
             have = {m.step for m in client.get_metric_history(run_id, key)}
             missing += [Metric(key, metrics[key], stamp[step], step)
                         for step, metrics in sorted(by_step.items()) if key in metrics and step not in have]
-        status = entry.get("status")
+        status = TrialStatus(entry.get("status") or TrialStatus.RUNNING)
         run = client.get_run(run_id)
-        set_status = status in TERMINAL and (run.data.tags.get("losstune.status") != status
-                                             or run.info.status != RUN_STATUS[status])
+        set_status = status.ended and (run.data.tags.get("losstune.status") != status
+                                       or run.info.status != status.run_status)
         if missing:
             log_batch_chunked(client, run_id, metrics=missing)
         if set_status:
-            log_batch_chunked(client, run_id, tags=[RunTag("losstune.status", status)])
-            client.set_terminated(run_id, status=RUN_STATUS[status])
+            log_batch_chunked(client, run_id, tags=[RunTag("losstune.status", status.value)])
+            client.set_terminated(run_id, status=status.run_status)
         if missing or set_status:
             counts["runs"] += 1
             counts["metrics"] += len(missing)
@@ -431,19 +434,19 @@ class TrackingCallback(tune.Callback):
     def setup(self, **info) -> None:
         self._start_thread()
 
-    def _set_status(self, trial_id: str, status: str, epochs: int | None = None) -> None:
+    def _set_status(self, trial_id: str, status: TrialStatus, epochs: int | None = None) -> None:
         # statuses are kept here, in the driver's thread (cheap), so they are right even while the
         # writer thread waits on a dead tracking server
         with self._lock:
-            entry = self._runs.setdefault(trial_id, {"run_id": None, "status": status, "epochs": 0})
-            entry["status"] = status
+            entry = self._runs.setdefault(trial_id, {"run_id": None, "status": status.value, "epochs": 0})
+            entry["status"] = status.value
             if epochs is not None:
                 entry["epochs"] = max(int(entry.get("epochs") or 0), epochs)
         self._dirty = True
 
     def on_trial_start(self, iteration, trials, trial, **info):
         t0 = time.perf_counter()
-        self._set_status(trial.trial_id, "running")
+        self._set_status(trial.trial_id, TrialStatus.RUNNING)
         self._put(("start", trial.trial_id, dict(trial.config), str(trial)))
         self.callback_time_s += time.perf_counter() - t0
 
@@ -457,12 +460,7 @@ class TrackingCallback(tune.Callback):
         t0 = time.perf_counter()
         last = trial.last_result or {}
         iters = int(last.get("training_iteration") or 0)
-        if float(last.get("diverged") or 0) >= 1:
-            status = "diverged"
-        elif iters < self.max_epochs:
-            status = "stopped_early"
-        else:
-            status = "finished"
+        status = TrialStatus.of_completed(last, self.max_epochs)
         self._set_status(trial.trial_id, status, iters)
         self._put(("end", trial.trial_id, status, iters))
         self.callback_time_s += time.perf_counter() - t0
@@ -470,8 +468,8 @@ class TrackingCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         t0 = time.perf_counter()
         iters = int((trial.last_result or {}).get("training_iteration") or 0)
-        self._set_status(trial.trial_id, "failed", iters)
-        self._put(("end", trial.trial_id, "failed", iters))
+        self._set_status(trial.trial_id, TrialStatus.FAILED, iters)
+        self._put(("end", trial.trial_id, TrialStatus.FAILED, iters))
         self.callback_time_s += time.perf_counter() - t0
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -610,7 +608,8 @@ class TrackingCallback(tune.Callback):
         kind, trial_id = ev[0], ev[1]
         state = self._state(trial_id)
         with self._lock:
-            entry = self._runs.setdefault(trial_id, {"run_id": state.run_id, "status": "running", "epochs": 0})
+            entry = self._runs.setdefault(trial_id, {"run_id": state.run_id, "status": TrialStatus.RUNNING.value,
+                                                     "epochs": 0})
         self._dirty = True
         if kind == "start":
             config, name = ev[2], ev[3]
@@ -657,7 +656,7 @@ class TrackingCallback(tune.Callback):
             state.tags["losstune.restarts"] = str(state.restarts)
         elif kind == "interrupt":  # ("interrupt", trial id, status): mark_interrupted / mark_lost set the status
             status = ev[2]
-            if entry.get("status") == status and (status != LOST or state.run_id is not None):
+            if entry.get("status") == status and (status != TrialStatus.LOST or state.run_id is not None):
                 state.end = status  # ends the child run (a lost trial that never got one gets none now)
 
     def _pending(self) -> bool:
@@ -705,7 +704,7 @@ class TrackingCallback(tune.Callback):
             if state.reopen:
                 if state.end is None:
                     client.update_run(state.run_id, status="RUNNING")
-                    client.set_tag(state.run_id, "losstune.status", "running")
+                    client.set_tag(state.run_id, "losstune.status", TrialStatus.RUNNING.value)
                 state.reopen = False
             if state.metrics or state.tags:
                 log_batch_chunked(client, state.run_id, metrics=state.metrics,
@@ -718,8 +717,8 @@ class TrackingCallback(tune.Callback):
             if state.files and state.end:
                 self._log_files(client, state)
             if state.end:
-                client.set_tag(state.run_id, "losstune.status", state.end)
-                client.set_terminated(state.run_id, status=RUN_STATUS.get(state.end, "FINISHED"))
+                client.set_tag(state.run_id, "losstune.status", state.end.value)
+                client.set_terminated(state.run_id, status=state.end.run_status)
                 state.end = None
                 state.started = False
 
@@ -770,11 +769,11 @@ class TrackingCallback(tune.Callback):
             ids = list(trial_ids) if trial_ids is not None else list(self._runs)
             for trial_id in ids:
                 entry = self._runs.get(trial_id)
-                if entry is not None and entry.get("status") not in TERMINAL | {LOST}:
-                    entry["status"] = "interrupted"
+                if entry is not None and not _ended_or_lost(entry):
+                    entry["status"] = TrialStatus.INTERRUPTED.value
         self._dirty = True
         for trial_id in ids:
-            self._put(("interrupt", trial_id, "interrupted"))
+            self._put(("interrupt", trial_id, TrialStatus.INTERRUPTED))
 
     def mark_lost(self, known_trial_ids: Iterable[str]) -> list[str]:
         """On a resume: trials that had not ended and that the restored Tune state does not know become
@@ -782,13 +781,12 @@ class TrackingCallback(tune.Callback):
         self._start_thread()  # loads mlflow_runs.json
         known = set(known_trial_ids)
         with self._lock:
-            lost = sorted(t for t, e in self._runs.items()
-                          if t not in known and e.get("status") not in TERMINAL | {LOST})
+            lost = sorted(t for t, e in self._runs.items() if t not in known and not _ended_or_lost(e))
             for trial_id in lost:
-                self._runs[trial_id]["status"] = LOST
+                self._runs[trial_id]["status"] = TrialStatus.LOST.value
         self._dirty = True
         for trial_id in lost:
-            self._put(("interrupt", trial_id, LOST))
+            self._put(("interrupt", trial_id, TrialStatus.LOST))
         return lost
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -815,7 +813,7 @@ class TrackingCallback(tune.Callback):
     def statuses(self) -> dict[str, str]:
         """trial id -> losstune status, as known to the driver right now."""
         with self._lock:
-            return {k: v.get("status", "running") for k, v in self._runs.items()}
+            return {k: v.get("status", TrialStatus.RUNNING.value) for k, v in self._runs.items()}
 
     def runs(self) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -846,10 +844,9 @@ class ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         iters = int(last.get("training_iteration") or 0)
-        kind = ("diverged" if float(last.get("diverged") or 0) >= 1
-                else "stopped early" if iters < self.max_epochs else "finished")
+        status = TrialStatus.of_completed(last, self.max_epochs)
         of = f"/{self.total}" if self.total else ""
-        print(f"[losstune] {kind:<13} {trial.trial_id}  epochs {iters}/{self.max_epochs}  "
+        print(f"[losstune] {status.label:<13} {trial.trial_id}  epochs {iters}/{self.max_epochs}  "
               f"composite {_fmt(last.get('composite'))}  ssim {_fmt(last.get('ssim'))}  "
               f"mse {_fmt(last.get('mse'))}  ({self._done(trials, trial)}{of} done)", flush=True)
 

@@ -5,10 +5,8 @@ The table has one row per trial: ``trial_id``, ``status``, the sampled params (r
 ``composite`` (last epoch; what Optuna was told), ``best_composite``, ``ssim``, ``mse``, ``psnr``,
 ``gradient_match``, ``epochs``, ``time_s``, ``run_id``.
 
-Statuses: ``finished`` (all epochs), ``stopped_early`` (ASHA), ``diverged`` (NaN/inf loss),
-``failed`` (raised, retries exhausted), ``running`` / ``interrupted`` (the sweep did not end;
-``--resume`` continues it), ``pending`` (no result yet), ``lost`` (started after Tune's last
-snapshot when the driver was killed: the resume did not know it, so it was not run again; not ranked).
+Statuses are the words of :class:`search.status.TrialStatus`; a trial that is ``running`` in the tracker's
+record of a sweep that ended, or that the tracker never recorded, is judged from its results on disk.
 """
 
 from __future__ import annotations
@@ -22,13 +20,16 @@ from typing import Any, Mapping
 import pandas as pd
 
 from losstune.search import space as sp
+from losstune.search.status import TrialStatus
 from losstune.search.tracking import RUNS_FILE, read_runs_file
 from losstune.trainables.loop import DIVERGED_SCORE  # what a diverged trial scores (the worst composite)
 
 SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep.yaml"
 METRIC_COLUMNS = ["composite", "best_composite", "ssim", "mse", "psnr", "gradient_match"]
-ELIGIBLE = ("finished", "stopped_early", "running", "interrupted", "unknown")
+# the statuses a trial can be ranked (and exported) with, given a finite composite
+ELIGIBLE = tuple(s.value for s in (TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY, TrialStatus.RUNNING,
+                                   TrialStatus.INTERRUPTED, TrialStatus.UNKNOWN))
 ASCENDING = {"mse", "val_loss", "loss", "histogram_distance", "trial_id", "time_s", "status"}
 
 
@@ -153,7 +154,7 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
     runs = read_runs_file(sweep_dir)
     max_epochs = int(info.get("max_epochs") or (sweep.epochs if sweep else 0) or 0)
     param_names = list(info.get("params") or (list(sweep.params) if sweep else []))
-    sweep_ended = info.get("status") in ("finished", "failed")
+    sweep_ended = info.get("status") in (TrialStatus.FINISHED, TrialStatus.FAILED)
 
     fs, base = fs_and_path(tune_dir)
     import pyarrow.fs as pafs
@@ -183,7 +184,7 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
     for trial_id, entry in runs.items():
         if trial_id not in histories:
             histories[trial_id], configs[trial_id] = [], {}
-            rows.append({"trial_id": trial_id, "status": entry.get("status", "pending"), "epochs": 0,
+            rows.append({"trial_id": trial_id, "status": entry.get("status", TrialStatus.PENDING.value), "epochs": 0,
                          "run_id": entry.get("run_id"), **{k: entry.get("params", {}).get(k) for k in param_names}})
     table = pd.DataFrame(rows)
     columns = ["trial_id", "status", *param_names, *METRIC_COLUMNS, "epochs", "time_s", "run_id", "path"]
@@ -198,24 +199,29 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
     return SweepResults(sweep_dir, info, sweep, table, histories, configs, param_names)
 
 
+def status_from_results(history: list[dict[str, Any]], errored: bool, max_epochs: int,
+                        sweep_ended: bool) -> TrialStatus:
+    """How a trial stands judged from its results on disk (``errored``: Tune left an error file)."""
+    if not history:
+        return TrialStatus.FAILED if errored else TrialStatus.PENDING
+    last = history[-1]
+    completed = TrialStatus.of_completed(last, max_epochs)
+    if completed is TrialStatus.DIVERGED:
+        return completed
+    if errored and not last.get("done"):
+        return TrialStatus.FAILED
+    if max_epochs and completed is TrialStatus.FINISHED:
+        return completed
+    return TrialStatus.STOPPED_EARLY if sweep_ended else TrialStatus.UNKNOWN
+
+
 def _row(trial_id: str, config: Mapping[str, Any], history: list[dict[str, Any]], run: Mapping[str, Any],
          errored: bool, max_epochs: int, sweep, sweep_ended: bool, path: str) -> dict[str, Any]:
     last = history[-1] if history else {}
     epochs = int(last.get("training_iteration") or 0)
     status = run.get("status")
-    if status is None or (status == "running" and sweep_ended):
-        if not history:
-            status = "failed" if errored else "pending"
-        elif float(last.get("diverged") or 0) >= 1:
-            status = "diverged"
-        elif errored and not last.get("done"):
-            status = "failed"
-        elif max_epochs and epochs >= max_epochs:
-            status = "finished"
-        elif sweep_ended:
-            status = "stopped_early"
-        else:
-            status = "unknown"
+    if status is None or (status == TrialStatus.RUNNING and sweep_ended):
+        status = status_from_results(history, errored, max_epochs, sweep_ended).value
     if sweep is not None:
         try:
             params = sp.decode(sweep.params, config)
