@@ -24,6 +24,12 @@ weight ``pixel_weight``), ``gradient`` (``gradient_mode``, weight ``gradient_wei
 ``solidification_weighting`` the pixel and gradient terms are weighted per pixel by
 :func:`losses.weighting.solidification_weights` of the target's temperature (``T_solidus``,
 ``T_liquidus``). ``warmup_steps`` ramps the gradient and perceptual weights up from 0.
+
+Evaluation region (``Task.eval_mask``, the ``*_active`` metrics): the pixels that change between the
+last input frame and the target (``|target − last input| > 0.05`` in any RGB channel, dilated by
+2 px: the moving melt pool and the grains growing behind it), united with the target frame's
+solidification window ``T_solidus <= T <= T_liquidus``. About 90 % of a frame is copied through
+unchanged, so whole-frame metrics mostly measure the copy; the region measures the prediction.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from torch import nn
 from losstune.losses.combined import WeightedLoss
 from losstune.losses.gradient import gradient_loss
 from losstune.losses.perceptual import PerceptualLoss
+from losstune.losses.regions import changed_region
 from losstune.losses.pixel import charbonnier_loss, l1_loss, mse_loss
 from losstune.losses.weighting import solidification_weights
 from losstune.trainables.config import ConfigError, TrainConfig, parse_section, parse_train_config
@@ -47,6 +54,15 @@ from losstune.trainables.models.convlstm import ConvLSTMNet
 from losstune.trainables.task import Batch, LossResult, Task
 
 PIXEL_LOSSES = {"mse": mse_loss, "l1": l1_loss, "charbonnier": charbonnier_loss}
+CHANGE_THRESHOLD = 0.05  # |target − last input| above this (any channel) counts as a change
+CHANGE_GROW_PX = 2       # the changed pixels are dilated by this much (to include the edges around them)
+
+
+def active_region(batch: Batch, t_solidus: float, t_liquidus: float) -> torch.Tensor:
+    """The evaluation region of a batch (N×1×H×W bool): changed pixels ∪ the solidification window."""
+    changed = changed_region(batch["target"], batch["frames"][:, -1, :3], CHANGE_THRESHOLD, CHANGE_GROW_PX)
+    temperature = batch["temperature"]
+    return changed | ((temperature >= t_solidus) & (temperature <= t_liquidus))
 
 
 class MicrostructureData(BaseModel):
@@ -233,4 +249,5 @@ def build(config: Mapping | TrainConfig) -> Task:
         weight_names=("pixel_weight", "gradient_weight", "perceptual_weight"),
         inputs_for_display=last_frame,
         loss_modules=loss_modules,
+        eval_mask=lambda batch: active_region(batch, t_solidus, t_liquidus),
     )
