@@ -349,3 +349,18 @@ def test_tiny_optimisation_lowers_the_loss():
     with torch.no_grad():
         after = float(task.training_step(model, batch, 30)[0])
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("model", ["unet", "ddpm"])
+def test_training_reports_whole_frame_and_foreground_metrics(model):
+    from losstune.trainables.loop import train
+
+    arch = {"name": model, "base_channels": 4, "depth": 1}
+    if model == "ddpm":
+        arch.update(timesteps=10, sampling_steps=2)
+    metrics = train({"task": "microscopy", "epochs": 1, "batch_size": 8, "device": "cpu", "amp": "off",
+                     "data": {"size": 16, "num_train": 8, "num_val": 8}, "model": arch}, num_threads=1).metrics
+    for name in ("ssim", "mse", "gradient_match", "sharpness_ratio", "composite"):
+        assert math.isfinite(metrics[name]) and math.isfinite(metrics[f"{name}_active"] if name != "composite"
+                                                               else metrics["composite_active"])
+    assert metrics["composite"] == metrics["composite_active"] and 0 < metrics["active_fraction"] < 1
