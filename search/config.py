@@ -11,7 +11,6 @@ import copy
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
@@ -173,12 +172,15 @@ class Sweep:
             space values applied; every trial is ``space.trial_config(base_train, params, sampled)``.
         params: the searched parameters (dotted key -> spec), in file order.
         points: ``points_to_evaluate`` completed to every param (real values).
+        warnings: one line each, printed when the sweep starts (e.g. a validation set too small to
+            separate configs); found by the deep check.
     """
 
     def __init__(self, file: SweepFile, raw: dict[str, Any], source: str | None, base_train: dict[str, Any],
                  params: dict[str, sp.ParamSpec], fixed: dict[str, Any], points: list[dict[str, Any]]):
         self.file, self.raw, self.source = file, raw, source
         self.base_train, self.params, self.fixed, self.points = base_train, params, fixed, points
+        self.warnings: list[str] = []
 
     # convenient views
     @property
@@ -426,11 +428,12 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
             raise fail(f"train.data: {err}") from None
         except Exception as err:  # noqa: BLE001 - a task that cannot be built is a config problem here
             raise fail(f"train: building task {base.task!r} failed: {type(err).__name__}: {err}") from None
-        from losstune.trainables.loop import small_validation_warning
         if midpoint.objective_region == "active" and task.eval_mask is None:
             raise fail(f"objective.region: 'active' but task {base.task!r} gives no evaluation region (use full or auto)")
-        if warning := small_validation_warning(task):
-            print(f"[losstune] {warning}", file=sys.stderr)
+        from losstune.trainables.loop import small_validation_warning
+        sweep = Sweep(file, raw, source, base_raw, params, fixed, points)
+        sweep.warnings += [w for w in (small_validation_warning(task),) if w]
+        return sweep
 
     return Sweep(file, raw, source, base_raw, params, fixed, points)
 

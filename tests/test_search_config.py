@@ -155,6 +155,14 @@ def test_objective_region_reaches_the_trials_training_config():
                         "objective": {"type": "composite", "region": "full"}}, source="good.yaml")
 
 
+def test_a_small_validation_set_is_a_sweep_warning():
+    small = load_sweep(REPO / "configs" / "smoke.yaml")  # 4 validation windows
+    assert len(small.warnings) == 1 and "validation set has only 4 samples" in small.warnings[0]
+    assert load_sweep(REPO / "configs" / "smoke.yaml", deep=False).warnings == []
+    big = _with("train/data", {"size": 16, "num_sequences": 8, "frames": 8, "seq_length": 2})  # 2 × 6 windows
+    assert validate_sweep(big, source="good.yaml").warnings == []
+
+
 def test_yaml_errors_name_the_file(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("name: x\nspace: {lr: [1, 2\n")
