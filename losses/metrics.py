@@ -433,9 +433,8 @@ def evaluate_all(pred: Tensor, target: Tensor, mse_ref: float | None = None,
     if mask is not None and mse_ref is not None and mse_ref_active is None:
         raise ValueError("mse_ref_active: needed with mask and mse_ref (the baseline's MSE in the region)")
     p, t = _prepare(pred, target, SSIM_MIN_SIZE)
-    maps = {"ssim": _ssim_map(p, t), "mse": (p - t).square(), "gms": None}
     gm_p, gm_t = _gradient_magnitude(p), _gradient_magnitude(t)
-    maps["gms"] = _gms_map(gm_p, gm_t)
+    maps = {"ssim": _ssim_map(p, t), "mse": (p - t).square(), "gms": _gms_map(gm_p, gm_t)}
     mse_s = maps["mse"].flatten(1).mean(1)
     per_sample = [maps["ssim"].flatten(1).mean(1), mse_s, _psnr_from_mse(mse_s), maps["gms"].flatten(1).mean(1),
                   _sharpness(gm_p, gm_t), _wasserstein(p, t)]

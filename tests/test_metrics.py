@@ -427,3 +427,13 @@ def test_blur_lowers_every_region_metric_monotonically(channels):
         key = key if key.endswith("_active") else f"{key}_active"
         values = [r[key] for r in results]
         assert all(a > b for a, b in zip(values, values[1:])), (key, values)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from losstune.losses import regions
+
+    for module in (M, regions):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
