@@ -18,7 +18,7 @@ from typing import Any
 from benchmarks import common
 
 # cheapest first; the GPU one skips itself without CUDA
-BENCHMARKS = ("loop_throughput", "mlflow_cost", "overhead", "search_efficiency", "gpu_path")
+BENCHMARKS = ("loop_throughput", "mlflow_cost", "overhead", "blur_sensitivity", "search_efficiency", "gpu_path")
 
 
 def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
@@ -59,6 +59,12 @@ def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
         rows.append([name, "validation share of an epoch (val loss + predictions + metrics)", r["eval_share"], "", ""])
         rows.append([name, "epoch ratio incl. validation (plain: val loss only)", r["epoch_ratio_incl_validation"], "",
                      ""])
+    elif name == "blur_sensitivity":
+        for task, v in r.items():
+            if isinstance(v, dict) and "drop_at_1px" in v:
+                rows.append([name, f"{task}: objective drop at σ = 0.5 / 1 / 2 px vs seed range (std)",
+                             " / ".join(f"{b['drop']:.4f}" for b in v["blurred"])
+                             + f" vs {v['spread_range']:.4f} ({v['spread_std']:.4f})", "", ""])
     elif name == "search_efficiency" and "summary" in r:
         s = r["summary"]
         rows.append([name, "mean best composite: TPE+ASHA / random / best hand-set",

@@ -4,7 +4,7 @@ Equal budget of trial-epochs per method and seed. Running hundreds of tiny trial
 measure Ray, not the search, so the trials run in-process with the real ``trainables.loop.Trainer``,
 driven by losstune's own search objects: the searcher is ``search.algorithms.make_searcher`` (Ray's
 ``OptunaSearch`` with the sampler of ``search.algorithms.make_sampler``: TPE multivariate + constant liar,
-n_startup_trials auto, the three hand-set points enqueued first; or ``RandomSampler``) behind its
+n_startup_trials auto, the four hand-set points (pure MSE and the seed's three scenarios) enqueued first; or ``RandomSampler``) behind its
 ``ConcurrencyLimiter``, on an Optuna sqlite study in a temp dir; the scheduler is
 ``search.algorithms.make_scheduler`` (Ray's ``ASHAScheduler``: grace period, reduction factor, max_t =
 epochs). The driver calls them exactly as Tune's controller does (``suggest`` / ``on_trial_result`` /
@@ -14,7 +14,9 @@ trial to the end (FIFO). Nothing is cached: every trial builds its own Trainer (
 
 Per method and seed: the best composite reached (max over every reported epoch) and the trial-epochs
 spent until the running best first reached random search's final best of the same seed.
-Goal: TPE + ASHA needs ≤ 25 % of the epochs random search needed to find its own best.
+Goal: TPE + ASHA needs ≤ 50 % of the epochs random search needed to find its own best (median over 5 seeds).
+The objective is the trials' ``composite`` on the task's default region (microstructure: where the frame
+changes, see README "The objective").
 
 Also per seed, a lower bound for any searcher under this protocol: the trial-epochs needed if the first
 trial were the best config that either method found (``oracle_epochs``); with trials advanced side by
@@ -34,11 +36,13 @@ from typing import Any
 from benchmarks import common
 
 NAME = "search_efficiency"
-GOAL = 0.25
+GOAL = 0.5
+# pure MSE as the reference, then the seed project's three scenarios (as in configs/microstructure.yaml)
 HAND_SET = [{"gradient_weight": 0.0, "perceptual_weight": 0.0},
+            {"gradient_weight": 0.2, "perceptual_weight": 0.0},
             {"gradient_weight": 0.1, "perceptual_weight": 0.05},
-            {"gradient_weight": 0.2, "perceptual_weight": 0.1}]
-HAND_NAMES = ["(1) pure MSE", "(2) grad 0.1 / perc 0.05", "(3) grad 0.2 / perc 0.1"]
+            {"gradient_weight": 0.5, "perceptual_weight": 0.1}]
+HAND_NAMES = ["pure MSE", "(1) grad 0.2 / perc 0", "(2) grad 0.1 / perc 0.05", "(3) grad 0.5 / perc 0.1"]
 
 
 def settings_for(quick: bool) -> dict[str, Any]:
@@ -47,7 +51,7 @@ def settings_for(quick: bool) -> dict[str, Any]:
                 "reduction_factor": 2, "num_samples": 16, "batch_size": 4,
                 "data": {"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2}, "hidden": [4, 8]}
     # batch 4: 8 optimiser steps per epoch, enough for the model to move off the identity within 8 epochs
-    return {"seeds": [0, 1, 2], "epochs": 8, "budget": 80, "max_concurrent": 4, "grace_period": 2,
+    return {"seeds": [0, 1, 2, 3, 4], "epochs": 8, "budget": 80, "max_concurrent": 4, "grace_period": 2,
             "reduction_factor": 2, "num_samples": 24, "batch_size": 4,
             "data": {"size": 32, "num_sequences": 8, "frames": 8, "seq_length": 3}, "hidden": [8, 16]}
 
@@ -63,7 +67,7 @@ def sweep_dict(s: dict[str, Any], sampler: str, seed: int, results_dir: str) -> 
                   "lr_schedule": "cosine", "device": "cpu", "amp": "off", "pixel_loss": "mse",
                   "gradient_mode": "match", "solidification_weighting": True, "num_threads": 1,
                   "data": dict(s["data"]), "model": {"hidden_channels": s["hidden"]}},
-        "space": {"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.3},
+        "space": {"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.6},
                   "perceptual_weight": {"type": "uniform", "low": 0.0, "high": 0.15},
                   "lr": {"type": "loguniform", "low": 3.0e-4, "high": 3.0e-3},
                   "warmup_steps": {"type": "int", "low": 0, "high": 200, "step": 10}},
@@ -171,7 +175,7 @@ def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
 
 
 def run_hand_set(s: dict[str, Any]) -> dict[str, Any]:
-    """The seed project's three scenarios, each trained for the full epochs (lr etc. at the base values)."""
+    """Pure MSE and the seed project's three scenarios, each trained for the full epochs (lr etc. at the base values)."""
     common.set_single_thread()
     from losstune.search import space as sp
     from losstune.search.config import validate_sweep

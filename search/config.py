@@ -75,6 +75,7 @@ def _check_weights(v: dict[str, float] | None) -> dict[str, float] | None:
 class CompositeObjective(_Section):
     type: Literal["composite"]
     weights: dict[str, float] | None = None
+    region: Literal["auto", "active", "full"] = "auto"  # -> train.objective_region (auto: active if the task has one)
 
     _weights = field_validator("weights")(_check_weights)
 
@@ -83,12 +84,13 @@ class ParetoObjective(_Section):
     type: Literal["pareto"]
     metrics: dict[str, Literal["max", "min"]] = Field(default_factory=lambda: dict(PARETO_METRICS))
     weights: dict[str, float] | None = None  # the composite still ranks trials (ASHA, best.yaml)
+    region: Literal["auto", "active", "full"] = "auto"
 
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(v) - set(PARETO_METRICS) - {"composite", "psnr", "sharpness_ratio",
-                                                         "histogram_distance"})
+        known = set(PARETO_METRICS) | {"composite", "psnr", "sharpness_ratio", "histogram_distance"}
+        unknown = sorted(set(v) - known - {f"{k}_active" for k in known} - {"composite_full"})
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}")
         if len(v) < 2:
@@ -170,12 +172,15 @@ class Sweep:
             space values applied; every trial is ``space.trial_config(base_train, params, sampled)``.
         params: the searched parameters (dotted key -> spec), in file order.
         points: ``points_to_evaluate`` completed to every param (real values).
+        warnings: one line each, printed when the sweep starts (e.g. a validation set too small to
+            separate configs); found by the deep check.
     """
 
     def __init__(self, file: SweepFile, raw: dict[str, Any], source: str | None, base_train: dict[str, Any],
                  params: dict[str, sp.ParamSpec], fixed: dict[str, Any], points: list[dict[str, Any]]):
         self.file, self.raw, self.source = file, raw, source
         self.base_train, self.params, self.fixed, self.points = base_train, params, fixed, points
+        self.warnings: list[str] = []
 
     # convenient views
     @property
@@ -357,6 +362,11 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
         if given is not None and dict(given) != dict(file.objective.weights):
             raise fail("objective.weights: differs from train.composite_weights; set the weights in one place")
         base_raw["composite_weights"] = dict(file.objective.weights)
+    if file.objective.region != "auto":
+        given = file.train.get("objective_region")
+        if given is not None and given != file.objective.region:
+            raise fail("objective.region: differs from train.objective_region; set the region in one place")
+        base_raw["objective_region"] = file.objective.region
     for key, value in fixed.items():
         try:
             parse_train_config(sp.apply_values(base_raw, {key: value}))
@@ -411,13 +421,19 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
     if deep:
         midpoint = parse_train_config(sp.apply_values(base_raw, points[0] if points else sp.midpoint_values(params)))
         try:
-            factory(midpoint)
+            task = factory(midpoint)
         except ConfigError as err:
             raise fail(_prefix_train(str(err))) from None
         except (FileNotFoundError, NotADirectoryError) as err:
             raise fail(f"train.data: {err}") from None
         except Exception as err:  # noqa: BLE001 - a task that cannot be built is a config problem here
             raise fail(f"train: building task {base.task!r} failed: {type(err).__name__}: {err}") from None
+        if midpoint.objective_region == "active" and task.eval_mask is None:
+            raise fail(f"objective.region: 'active' but task {base.task!r} gives no evaluation region (use full or auto)")
+        from losstune.trainables.loop import small_validation_warning
+        sweep = Sweep(file, raw, source, base_raw, params, fixed, points)
+        sweep.warnings += [w for w in (small_validation_warning(task),) if w]
+        return sweep
 
     return Sweep(file, raw, source, base_raw, params, fixed, points)
 

@@ -512,6 +512,8 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
     out(f"[losstune] sweep {sweep.name}: {sweep.search.num_samples} trials x {sweep.epochs} epochs, "
         f"{sweep.search.sampler} sampler, {sweep.scheduler.type} scheduler, objective {sweep.objective.type}; "
         f"results in {sweep_dir}")
+    for warning in sweep.warnings:  # e.g. a validation set too small to separate configs
+        out(f"[losstune] {warning}")
     t0 = time.perf_counter()
     _stop_if_requested(ctrl_c)  # from here on Tune handles Ctrl-C (and saves its state)
     with _no_tensorboard_logger(), _without_ray_notices(_TUNE_RESTORE_HINT, _NO_RESULTS_YET):

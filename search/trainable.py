@@ -131,7 +131,8 @@ def run_trial(config: Mapping[str, Any], base_train: Mapping[str, Any], params: 
     if cwd and os.path.isdir(cwd):  # relative data paths resolve like they do for the driver
         os.chdir(cwd)
     threads = max(1, int(cpus)) if cpus else None
-    trainer = Trainer(sp.trial_config(base_train, params, config), num_threads=threads)
+    # the sweep warns about a small validation set once at its start, not in every trial
+    trainer = Trainer(sp.trial_config(base_train, params, config), num_threads=threads, warn_small_val=False)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:

@@ -2,8 +2,11 @@
 ``result.json`` / ``params.json``, plus ``sweep.json`` and ``mlflow_runs.json`` written by losstune.
 
 The table has one row per trial: ``trial_id``, ``status``, the sampled params (real values),
-``composite`` (last epoch; what Optuna was told), ``best_composite``, ``ssim``, ``mse``, ``psnr``,
-``gradient_match``, ``epochs``, ``time_s``, ``run_id``.
+``composite`` (last epoch; what Optuna was told: the objective region's), ``best_composite``, ``ssim``,
+``mse``, ``psnr``, ``gradient_match`` (whole frame), ``composite_full``, ``composite_active``,
+``ssim_active``, ``mse_active``, ``gradient_match_active`` (the task's evaluation region, e.g. where the
+image changes; empty for a task without one), ``num_val`` (validation samples), ``epochs``, ``time_s``,
+``run_id``.
 
 Statuses are the words of :class:`search.status.TrialStatus`; a trial that is ``running`` in the tracker's
 record of a sweep that ended, or that the tracker never recorded, is judged from its results on disk.
@@ -30,6 +33,7 @@ METRIC_COLUMNS = ["composite", "best_composite", "ssim", "mse", "psnr", "gradien
 # the statuses a trial can be ranked (and exported) with, given a finite composite
 ELIGIBLE = tuple(s.value for s in (TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY, TrialStatus.RUNNING,
                                    TrialStatus.INTERRUPTED, TrialStatus.UNKNOWN))
+REGION_COLUMNS = ["composite_full", "composite_active", "ssim_active", "mse_active", "gradient_match_active"]
 ASCENDING = {"mse", "val_loss", "loss", "histogram_distance", "trial_id", "time_s", "status"}
 
 
@@ -187,13 +191,14 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
             rows.append({"trial_id": trial_id, "status": entry.get("status", TrialStatus.PENDING.value), "epochs": 0,
                          "run_id": entry.get("run_id"), **{k: entry.get("params", {}).get(k) for k in param_names}})
     table = pd.DataFrame(rows)
-    columns = ["trial_id", "status", *param_names, *METRIC_COLUMNS, "epochs", "time_s", "run_id", "path"]
+    columns = ["trial_id", "status", *param_names, *METRIC_COLUMNS, *REGION_COLUMNS, "num_val", "epochs", "time_s",
+               "run_id", "path"]
     for c in columns:
         if c not in table.columns:
             table[c] = None
     extra = [c for c in table.columns if c not in columns]
     table = table[columns + extra]
-    for c in METRIC_COLUMNS + ["time_s"]:
+    for c in METRIC_COLUMNS + REGION_COLUMNS + ["num_val", "time_s"]:
         table[c] = pd.to_numeric(table[c], errors="coerce")
     table["epochs"] = pd.to_numeric(table["epochs"], errors="coerce").fillna(0).astype(int)
     return SweepResults(sweep_dir, info, sweep, table, histories, configs, param_names)
@@ -235,7 +240,8 @@ def _row(trial_id: str, config: Mapping[str, Any], history: list[dict[str, Any]]
            **{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()},
            "composite": last.get("composite"), "best_composite": max(composites) if composites else None,
            "ssim": last.get("ssim"), "mse": last.get("mse"), "psnr": last.get("psnr"),
-           "gradient_match": last.get("gradient_match"), "epochs": epochs,
+           "gradient_match": last.get("gradient_match"), **{k: last.get(k) for k in REGION_COLUMNS},
+           "num_val": last.get("num_val"), "epochs": epochs,
            "time_s": last.get("time_total_s"), "run_id": run.get("run_id"), "path": path}
     return row
 
@@ -248,7 +254,9 @@ def sort_table(df: pd.DataFrame, column: str | None) -> pd.DataFrame:
 
 
 def format_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
-    shown = df.drop(columns=[c for c in ("path",) if c in df.columns])
+    # the region columns of a task without an evaluation region are empty: not shown
+    empty = [c for c in REGION_COLUMNS if c in df.columns and df[c].isna().all()]
+    shown = df.drop(columns=[c for c in ("path",) if c in df.columns] + empty)
     if max_rows is not None:
         shown = shown.head(max_rows)
     with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 40,

@@ -121,8 +121,9 @@ def test_blur_lowers_every_quality_metric_monotonically(channels):
 
 def test_sharpness_ratio_and_histogram_distance_values():
     t = torch.rand(2, 1, 20, 20, generator=torch.Generator().manual_seed(0))
-    assert M.sharpness_ratio(2 * t, t) == pytest.approx(2.0, rel=1e-5)
-    assert M.sharpness_ratio(0.5 * t, t) == pytest.approx(0.5, rel=1e-5)
+    # symmetric ratio 2·g_p/(g_p + g_t): twice as sharp -> 4/3, half as sharp -> 2/3
+    assert M.sharpness_ratio(2 * t, t) == pytest.approx(4 / 3, rel=1e-4)
+    assert M.sharpness_ratio(0.5 * t, t) == pytest.approx(2 / 3, rel=1e-4)
     # W1 of two constants is their difference; a spatial permutation keeps the distribution
     assert M.histogram_distance(torch.full((16, 16), 0.7), torch.full((16, 16), 0.2)) == pytest.approx(0.5)
     perm = t.flatten(1)[:, torch.randperm(400, generator=torch.Generator().manual_seed(1))].view_as(t)
@@ -137,7 +138,7 @@ def test_gradient_match_value_on_ramps():
     expected = (8 * a * b + c) / (4 * a * a + 4 * b * b + c)
     assert M.gradient_match(b * x, a * x) == pytest.approx(expected, rel=1e-5)
     assert M.gradient_match(a * x.t(), a * x.t()) == pytest.approx(1.0)
-    assert M.sharpness_ratio(b * x, a * x) == pytest.approx(b / a, rel=1e-5)
+    assert M.sharpness_ratio(b * x, a * x) == pytest.approx(2 * b / (a + b), rel=1e-4)
 
 
 def test_histogram_distance_subsamples_huge_images_deterministically(monkeypatch):
@@ -158,9 +159,12 @@ def test_composite_default_formula_and_skill_score():
     p = tt(blurred(image("structured", 3, 32, 32), 1.0))
     s, m, g = M.ssim(p, t), M.mse(p, t), M.gradient_match(p, t)
     assert M.composite_score(p, t) == pytest.approx(0.4 * s + 0.3 * (1 - m) + 0.3 * g, abs=1e-6)
-    assert M.composite_score(p, t, mse_ref=2 * m) == pytest.approx(0.4 * s + 0.3 * 0.5 + 0.3 * g, abs=1e-6)
-    # much worse than the baseline: the skill part is clamped at -1
-    assert M.composite_score(p, t, mse_ref=m / 100) == pytest.approx(0.4 * s - 0.3 + 0.3 * g, abs=1e-6)
+    # skill = (ref − mse)/(ref + mse): half the baseline's error -> 1/3
+    assert M.composite_score(p, t, mse_ref=2 * m) == pytest.approx(0.4 * s + 0.3 / 3 + 0.3 * g, abs=1e-6)
+    # much worse than the baseline: the skill part approaches -1 but stays above it (no clamp)
+    worse = M.composite_score(p, t, mse_ref=m / 100)
+    assert worse == pytest.approx(0.4 * s + 0.3 * (-99 / 101) + 0.3 * g, abs=1e-6)
+    assert M.composite_score(p, t, mse_ref=m / 1000) < worse
     assert M.composite_score(t, t, mse_ref=0.0) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -188,7 +192,7 @@ def test_sharp_prediction_scores_higher_than_blurred(channels):
     sharp = np.clip(t + 0.02 * np.random.default_rng(0).standard_normal(t.shape), 0, 1)
     for mse_ref in (None, 0.02):
         assert M.composite_score(tt(sharp), tt(t), mse_ref=mse_ref) > M.composite_score(
-            tt(blurred(t, 1.0)), tt(t), mse_ref=mse_ref) + 0.05
+            tt(blurred(t, 1.0)), tt(t), mse_ref=mse_ref) + 0.04
 
 
 def test_evaluate_all_matches_the_single_metrics():
@@ -268,3 +272,168 @@ def test_metrics_do_not_track_gradients():
     for name in METRICS:
         assert not getattr(M, f"{name}_per_sample")(p, t).requires_grad
     assert isinstance(M.evaluate_all(p, t)["composite"], float)
+
+
+# ----- adversarial inputs: every metric finite and inside its documented range ---------------------
+
+RANGES = {"ssim": (-1.0, 1.0), "mse": (0.0, 1.0), "psnr": (0.0, M.PSNR_MAX_DB), "gradient_match": (0.0, 1.0),
+          "sharpness_ratio": (0.0, M.SHARPNESS_MAX), "histogram_distance": (0.0, 1.0), "composite": (-1.0, 1.0)}
+
+
+def _camera_16bit_crop(y, x, size=32):
+    """A crop of scikit-image's camera as a 16-bit image, percentile-normalised like the folder loader."""
+    from skimage import data
+    from losstune.trainables.data.paired_folder import percentile_normalize
+
+    img16 = (data.camera().astype(np.uint32) * 257).astype(np.uint16)  # full 16-bit range
+    norm = percentile_normalize(img16.astype(np.float32))
+    return torch.from_numpy(norm[y:y + size, x:x + size].copy())[None, None]
+
+
+def _adversarial_cases():
+    g = torch.Generator().manual_seed(0)
+    texture = torch.rand(1, 1, 32, 32, generator=g)
+    flat = 0.4 + 1e-4 * torch.rand(1, 1, 32, 32, generator=g)  # a nearly flat crop (microscopy background)
+    sparse = torch.zeros(1, 1, 32, 32)
+    sparse.view(-1)[torch.randperm(1024, generator=g)[:10]] = 1.0  # 1 % bright pixels on black
+    sky = _camera_16bit_crop(0, 0)  # the camera image's flat sky
+    detail = _camera_16bit_crop(300, 200)
+    tiny_t, tiny_p = torch.rand(1, 1, 11, 11, generator=g), torch.rand(1, 1, 11, 11, generator=g)
+    return {
+        "flat_target": (texture, flat),
+        "flat_target_flat_pred": (flat.flip(-1), flat),
+        "constant_prediction": (torch.full_like(texture, 0.5), texture),
+        "all_zeros": (torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)),
+        "all_ones": (torch.ones(1, 1, 16, 16), torch.ones(1, 1, 16, 16)),
+        "zeros_vs_ones": (torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16)),
+        "sparse_bright_on_black": (torch.zeros_like(sparse), sparse),
+        "sparse_vs_shifted": (sparse.roll(1, -1), sparse),
+        "16bit_flat_sky_crop": (sky.flip(-1) * 0.98, sky),
+        "16bit_detail_vs_flat_pred": (torch.full_like(detail, float(detail.mean())), detail),
+        "16bit_flat_target_detail_pred": (detail, sky),
+        "tiny_11x11": (tiny_p, tiny_t),
+    }
+
+
+ADVERSARIAL = _adversarial_cases()
+
+
+def _in_range(name, value):
+    low, high = RANGES[name.removesuffix("_active").removesuffix("_full")]
+    return math.isfinite(value) and low - 1e-6 <= value <= high + 1e-6
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+def test_every_metric_is_finite_and_in_range_on_adversarial_input(metric, case):
+    p, t = ADVERSARIAL[case]
+    value = getattr(M, metric)(p, t)
+    assert _in_range(metric, value), (metric, case, value)
+    per_sample = getattr(M, f"{metric}_per_sample")(p, t)
+    assert torch.isfinite(per_sample).all()
+
+
+@pytest.mark.parametrize("mse_ref", [None, 0.0, 1e-6, 0.02])
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+def test_composite_and_region_metrics_are_finite_and_in_range_on_adversarial_input(case, mse_ref):
+    from losstune.losses.regions import foreground
+
+    p, t = ADVERSARIAL[case]
+    composite = M.composite_score(p, t, mse_ref=mse_ref)
+    assert _in_range("composite", composite), (case, composite)
+    for mask in (foreground(t), torch.zeros_like(t, dtype=torch.bool), torch.ones_like(t, dtype=torch.bool)):
+        values = M.evaluate_all(p, t, mse_ref=mse_ref, mask=mask, mse_ref_active=mse_ref, region="active")
+        for name, value in values.items():
+            if name in ("active_fallback", "active_fraction"):
+                assert 0.0 <= value <= 1.0
+            else:
+                assert _in_range(name, value), (case, name, value)
+        # the MSE part never sits at a bound unless the prediction is perfect or the baseline is
+        if mse_ref and values["mse"] > 0:
+            assert -1.0 < M.mse_skill(values["mse"], mse_ref) < 1.0
+
+
+def test_sharpness_ratio_over_a_flat_target_is_bounded_not_huge():
+    """The 16-bit TIFF case of issue 14: a textured prediction over a nearly flat target gave 97 469."""
+    p, t = ADVERSARIAL["16bit_flat_target_detail_pred"]
+    assert 1.5 < M.sharpness_ratio(p, t) <= M.SHARPNESS_MAX
+    flat = ADVERSARIAL["flat_target_flat_pred"][1]
+    assert M.sharpness_ratio(flat, flat) == pytest.approx(1.0)
+
+
+def test_mse_skill_is_symmetric_and_strictly_monotone():
+    values = [M.mse_skill(m, 0.01) for m in (0.0, 0.005, 0.01, 0.02, 0.1, 1.0, 100.0)]
+    assert values[0] == 1.0 and values[2] == 0.0
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert values[-1] > -1.0
+    assert M.mse_skill(0.0, 0.0) == 1.0
+    with pytest.raises(ValueError, match="mse_ref"):
+        M.mse_skill(0.1, -1.0)
+
+
+# ----- metrics over a region -----------------------------------------------------------------------
+
+def test_region_metrics_average_the_maps_over_the_region():
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(2, 3, 24, 24, generator=g)
+    p = t.clone()
+    p[:, :, 8:16, 8:16] = (p[:, :, 8:16, 8:16] + 0.2).clamp(0, 1)  # an error only inside the region
+    mask = torch.zeros(2, 1, 24, 24, dtype=torch.bool)
+    mask[:, :, 8:16, 8:16] = True
+    v = M.evaluate_all(p, t, mask=mask)
+    region_sq = (p - t)[:, :, 8:16, 8:16].square().mean()
+    assert v["mse_active"] == pytest.approx(float(region_sq), rel=1e-5)
+    assert v["mse"] == pytest.approx(float(region_sq) * 64 / 576, rel=1e-5)
+    assert v["active_fraction"] == pytest.approx(64 / 576) and v["active_fallback"] == 0.0
+    for name in ("ssim", "gradient_match", "psnr"):
+        assert v[f"{name}_active"] < v[name], name  # the error is concentrated in the region
+    assert v["histogram_distance_active"] > v["histogram_distance"]
+    # the whole frame as the region gives the whole-frame values
+    full = M.evaluate_all(p, t, mask=torch.ones_like(mask))
+    for name in METRICS:
+        assert full[f"{name}_active"] == pytest.approx(full[name], rel=1e-5, abs=1e-6), name
+
+
+def test_region_composite_is_chosen_and_empty_region_falls_back():
+    g = torch.Generator().manual_seed(1)
+    t = torch.rand(1, 1, 20, 20, generator=g)
+    p = (t + 0.1 * torch.randn(t.shape, generator=g)).clamp(0, 1)
+    mask = torch.zeros(1, 1, 20, 20)
+    mask[..., 2:18, 2:18] = 1.0
+    full = M.evaluate_all(p, t, mse_ref=0.05, mask=mask, mse_ref_active=0.05, region="full")
+    active = M.evaluate_all(p, t, mse_ref=0.05, mask=mask, mse_ref_active=0.05, region="active")
+    assert full["composite"] == full["composite_full"] and active["composite"] == active["composite_active"]
+    assert full["composite_full"] == active["composite_full"]
+    assert full["composite_full"] == pytest.approx(M.composite_score(p, t, mse_ref=0.05), abs=1e-6)
+    empty = M.evaluate_all(p, t, mse_ref=0.05, mask=torch.zeros_like(mask), mse_ref_active=0.05, region="active")
+    assert empty["active_fallback"] == 1.0 and empty["active_fraction"] == 0.0
+    for name in METRICS:
+        assert empty[f"{name}_active"] == empty[name]
+    with pytest.raises(ValueError, match="region"):
+        M.evaluate_all(p, t, region="active")
+    with pytest.raises(ValueError, match="mse_ref_active"):
+        M.evaluate_all(p, t, mse_ref=0.05, mask=mask)
+    with pytest.raises(ValueError, match="mask"):
+        M.evaluate_all(p, t, mask=torch.ones(1, 1, 20, 19))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_blur_lowers_every_region_metric_monotonically(channels):
+    t = image("structured", channels, 48, 40)
+    mask = torch.zeros(1, 1, 48, 40, dtype=torch.bool)
+    mask[..., 10:30, 8:32] = True
+    results = [M.evaluate_all(tt(blurred(t, s))[None], tt(t)[None], mask=mask) for s in (0.5, 1, 2, 3)]
+    for key in ("gradient_match", "ssim", "sharpness_ratio", "psnr", "composite_active"):
+        key = key if key.endswith("_active") else f"{key}_active"
+        values = [r[key] for r in results]
+        assert all(a > b for a, b in zip(values, values[1:])), (key, values)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from losstune.losses import regions
+
+    for module in (M, regions):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

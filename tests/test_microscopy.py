@@ -299,9 +299,36 @@ def test_build_from_paired_folders(tmp_path):
 
     inp, tgt = _write_pairs(tmp_path, names=("a", "b", "c", "d", "e"))
     task = build(_config(data={"input_dir": str(inp), "target_dir": str(tgt), "crop_size": 32,
-                               "crops_per_image": 2, "val_fraction": 0.2}))
+                               "crops_per_image": 2, "val_fraction": 0.2, "min_val_crops": 1}))
     assert task.num_train == 8 and task.num_val == 2
     assert task.train["input"].shape[1:] == (1, 32, 32)
+    # by default the one validation image gives at least 32 crops (data.min_val_crops)
+    task = build(_config(data={"input_dir": str(inp), "target_dir": str(tgt), "crop_size": 32,
+                               "crops_per_image": 2, "val_fraction": 0.2}))
+    assert task.num_train == 8 and task.num_val == 32
+
+
+def test_paired_folder_splits_by_image_with_a_minimum_of_validation_crops(tmp_path):
+    inp, tgt = _write_pairs(tmp_path, names=("a", "b", "c", "d", "e", "f"))
+    train, val = load_paired_folders(inp, tgt, crop_size=32, crops_per_image=2, seed=0, val_fraction=0.34,
+                                     min_val_crops=15)
+    assert train["input"].shape[0] == 4 * 2 and val["input"].shape[0] == 2 * 8  # ceil(15 / 2) crops per image
+    # no crop is in both: the images are split, not the crops
+    flat_train = {tuple(x.flatten()[:16].tolist()) for x in train["target"]}
+    assert not any(tuple(x.flatten()[:16].tolist()) in flat_train for x in val["target"])
+
+
+def test_evaluation_region_is_the_targets_foreground_or_none():
+    from losstune.trainables.tasks.microscopy import build
+
+    task = build(_config())
+    mask = task.eval_mask(task.val)
+    assert mask.shape == (task.num_val, 1, *task.val["target"].shape[-2:]) and mask.dtype == torch.bool
+    target = task.val["target"]
+    # the region is brighter than the rest, and neither empty nor the whole frame
+    assert 0.05 < float(mask.float().mean()) < 0.95
+    assert float(target[mask.expand_as(target)].mean()) > float(target[~mask.expand_as(target)].mean())
+    assert build(_config(data={"eval_region": "none"})).eval_mask is None
 
 
 def test_tiny_optimisation_lowers_the_loss():
@@ -322,3 +349,18 @@ def test_tiny_optimisation_lowers_the_loss():
     with torch.no_grad():
         after = float(task.training_step(model, batch, 30)[0])
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("model", ["unet", "ddpm"])
+def test_training_reports_whole_frame_and_foreground_metrics(model):
+    from losstune.trainables.loop import train
+
+    arch = {"name": model, "base_channels": 4, "depth": 1}
+    if model == "ddpm":
+        arch.update(timesteps=10, sampling_steps=2)
+    metrics = train({"task": "microscopy", "epochs": 1, "batch_size": 8, "device": "cpu", "amp": "off",
+                     "data": {"size": 16, "num_train": 8, "num_val": 8}, "model": arch}, num_threads=1).metrics
+    for name in ("ssim", "mse", "gradient_match", "sharpness_ratio", "composite"):
+        assert math.isfinite(metrics[name]) and math.isfinite(metrics[f"{name}_active"] if name != "composite"
+                                                               else metrics["composite_active"])
+    assert metrics["composite"] == metrics["composite_active"] and 0 < metrics["active_fraction"] < 1

@@ -192,6 +192,22 @@ def test_build_task_and_training_step_components():
     assert build(_tiny_config(perceptual_weight=0.0)).loss_modules == []
 
 
+def test_evaluation_region_is_where_the_frame_changes():
+    task = build(_tiny_config())
+    batch = task.val
+    mask = task.eval_mask(batch)
+    assert mask.shape == (task.num_val, 1, 32, 32) and mask.dtype == torch.bool
+    changed = ((batch["target"] - batch["frames"][:, -1, :3]).abs() > 0.05).any(1, keepdim=True)
+    window = (batch["temperature"] >= T_SOL) & (batch["temperature"] <= T_LIQ)
+    assert bool((mask >= changed).all()) and bool((mask >= window).all())  # changes and the window are in
+    assert changed.any() and 0.02 < float(mask.float().mean()) < 0.9  # most of the frame is copied through
+    # a prediction that copies the last frame is perfect outside the region, and far off inside it
+    from losstune.losses.metrics import evaluate_all
+    copy = task.baseline(batch)
+    v = evaluate_all(copy, batch["target"], mask=mask)
+    assert v["mse_active"] > 2 * v["mse"] and v["ssim_active"] < v["ssim"]
+
+
 def test_solidification_weighting_changes_the_loss():
     plain = build(_tiny_config())
     weighted = build(_tiny_config(solidification_weighting=True))
@@ -240,3 +256,31 @@ def test_tiny_optimisation_lowers_the_training_loss():
         losses.append(total.item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert losses[-1] < baseline_mse, (losses[-1], baseline_mse)  # better than copying the last frame
+
+
+def test_training_reports_whole_frame_and_region_metrics_and_scores_the_chosen_region(caplog, monkeypatch):
+    from losstune.trainables import loop
+    from losstune.trainables.loop import train
+
+    monkeypatch.setattr(loop, "_WARNED", set())  # the small-validation warning is given once per process
+
+    base = {"task": "microstructure", "epochs": 1, "batch_size": 4, "device": "cpu", "amp": "off",
+            "data": {"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2}, "model": {"hidden_channels": [4, 8]}}
+    auto = train(base, num_threads=1).metrics
+    for name in ("ssim", "mse", "psnr", "gradient_match", "sharpness_ratio", "histogram_distance"):
+        assert name in auto and f"{name}_active" in auto
+    assert auto["composite"] == auto["composite_active"] != auto["composite_full"]  # auto = active for this task
+    assert auto["num_val"] == 4 and auto["baseline_mse_active"] > auto["baseline_mse"]
+    full = train({**base, "objective_region": "full"}, num_threads=1).metrics
+    assert full["composite"] == full["composite_full"] == pytest.approx(auto["composite_full"], abs=1e-6)
+    warnings = [r for r in caplog.records if "validation set has only 4 samples" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+def test_an_active_objective_needs_a_task_region():
+    from losstune.trainables.loop import Trainer
+
+    with pytest.raises(ConfigError, match="objective_region"):
+        Trainer({"task": "microscopy", "epochs": 1, "device": "cpu", "objective_region": "active",
+                 "data": {"size": 16, "num_train": 4, "num_val": 8, "eval_region": "none"},
+                 "model": {"base_channels": 4, "depth": 1}})

@@ -134,10 +134,33 @@ def test_good_config_resolves():
 def test_shipped_configs_are_valid(name):
     sweep = load_sweep(REPO / "configs" / f"{name}.yaml", deep=False)
     assert sweep.name == name
-    if name in ("quickstart", "microstructure", "microscopy"):
-        # the seed project's three hand-set scenarios
+    if name in ("quickstart", "microstructure"):
+        # pure MSE as the reference, then the seed project's three scenarios as it wrote them, inside the space
+        pts = [(p["gradient_weight"], p["perceptual_weight"]) for p in sweep.points]
+        assert pts == [(0.0, 0.0), (0.2, 0.0), (0.1, 0.05), (0.5, 0.1)]
+        assert sweep.params["gradient_weight"].high >= 0.5 and sweep.params["perceptual_weight"].high >= 0.1
+    if name == "microscopy":
         pts = [(p["gradient_weight"], p["perceptual_weight"]) for p in sweep.points]
         assert pts == [(0.0, 0.0), (0.1, 0.05), (0.2, 0.1)]
+
+
+def test_objective_region_reaches_the_trials_training_config():
+    sweep = validate_sweep({**GOOD, "objective": {"type": "composite", "region": "full"}}, source="good.yaml")
+    assert sweep.base_train["objective_region"] == "full"
+    assert validate_sweep(GOOD, source="good.yaml").base_train["objective_region"] == "auto"
+    with pytest.raises(SweepConfigError, match="objective.region"):
+        validate_sweep({**GOOD, "objective": {"type": "composite", "region": "middle"}}, source="good.yaml")
+    with pytest.raises(SweepConfigError, match="objective.region"):
+        validate_sweep({**GOOD, "train": {**GOOD["train"], "objective_region": "active"},
+                        "objective": {"type": "composite", "region": "full"}}, source="good.yaml")
+
+
+def test_a_small_validation_set_is_a_sweep_warning():
+    small = load_sweep(REPO / "configs" / "smoke.yaml")  # 4 validation windows
+    assert len(small.warnings) == 1 and "validation set has only 4 samples" in small.warnings[0]
+    assert load_sweep(REPO / "configs" / "smoke.yaml", deep=False).warnings == []
+    big = _with("train/data", {"size": 16, "num_sequences": 8, "frames": 8, "seq_length": 2})  # 2 × 6 windows
+    assert validate_sweep(big, source="good.yaml").warnings == []
 
 
 def test_yaml_errors_name_the_file(tmp_path):

@@ -23,7 +23,9 @@ from losstune.search.trials import load_results, pareto_front
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
 LOOP_METRICS = {"loss", "loss_pixel", "val_loss", "ssim", "mse", "psnr", "gradient_match", "sharpness_ratio",
-                "histogram_distance", "composite"}
+                "histogram_distance", "composite", "num_val",
+                # the microstructure task's evaluation region (where the frame changes): the objective's by default
+                "ssim_active", "mse_active", "gradient_match_active", "composite_full", "composite_active"}
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +90,8 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_r
     assert set(results.table["trial_id"]) == trial_ids
     assert (results.table["status"] == "finished").all()
     assert (results.table["epochs"] == epochs).all()
+    assert (results.table["composite"] == results.table["composite_active"]).all()  # objective region: auto = active
+    assert results.table["composite_full"].notna().all() and results.table["gradient_match_active"].notna().all()
     csv = pd.read_csv(sweep_dir / "trials.csv")
     assert len(csv) == n
 

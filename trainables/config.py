@@ -57,6 +57,9 @@ class TrainConfig(BaseModel):
     T_liquidus: float = 1700.0
 
     composite_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_COMPOSITE_WEIGHTS))
+    # where the composite is scored: the task's evaluation region (``active``), the whole frame
+    # (``full``), or ``auto`` = active when the task gives a region, else full
+    objective_region: Literal["auto", "active", "full"] = "auto"
 
     data: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any] = Field(default_factory=dict)

@@ -7,6 +7,7 @@ divergence and to compute the validation metrics).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from losstune.losses.metrics import evaluate_all
-from losstune.trainables.config import TrainConfig, parse_train_config
+from losstune.trainables.config import ConfigError, TrainConfig, parse_train_config
 from losstune.trainables.registry import get_task_factory
 from losstune.trainables.task import Batch, Task
 
@@ -28,6 +29,8 @@ DIVERGED_SCORE = -1.0
 DIVERGED_METRICS = {"composite": DIVERGED_SCORE, "ssim": -1.0, "mse": 1.0, "psnr": 0.0,
                     "gradient_match": 0.0, "diverged": 1.0}
 STATE_FILE = "state.pt"
+# fewer validation samples than this: the scores of two configs are too noisy to tell them apart
+MIN_VAL_SAMPLES = 8
 # share of free GPU memory the preloaded data may take; beyond it batches are copied per step
 PRELOAD_MEMORY_FRACTION = 0.5
 
@@ -81,7 +84,7 @@ def _nbytes(data: Batch) -> int:
 class Trainer:
     """Holds model, optimiser and data for one run; ``fit`` trains epoch by epoch."""
 
-    def __init__(self, config: Mapping | TrainConfig, num_threads: int | None = None):
+    def __init__(self, config: Mapping | TrainConfig, num_threads: int | None = None, warn_small_val: bool = True):
         self.config = cfg = parse_train_config(config)
         threads = num_threads or cfg.num_threads
         if threads:
@@ -110,7 +113,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.best_composite = -math.inf
-        self.mse_ref = self._baseline_mse()
+        self.objective_region = self._resolve_region()
+        self.mse_ref, self.mse_ref_active = self._baseline_mse()
+        if warn_small_val and (warning := small_validation_warning(self.task)):
+            _warn_once(warning)
 
     # ----- setup helpers -------------------------------------------------------------------
     def _should_preload(self) -> bool:
@@ -152,14 +158,35 @@ class Trainer:
             idx = torch.arange(start, min(start + size, n), device=self.device if self.preloaded else "cpu")
             yield self._batch(self.val_data, idx)
 
+    def _resolve_region(self) -> str:
+        region = self.config.objective_region
+        if region == "auto":
+            return "active" if self.task.eval_mask is not None else "full"
+        if region == "active" and self.task.eval_mask is None:
+            raise ConfigError(f"objective_region: 'active' but task {self.task.name!r} gives no evaluation region "
+                              "(use full or auto)")
+        return region
+
     @torch.no_grad()
-    def _baseline_mse(self) -> float:
+    def _baseline_mse(self) -> tuple[float, float | None]:
+        """The trivial baseline's MSE over the whole validation set, and over its evaluation region
+        (None without one; the whole-frame value when the region is empty)."""
         sq_sum, count = torch.zeros((), device=self.device), 0
+        sq_region, count_region = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for batch in self._val_batches():
             base, target = self.task.baseline(batch).float(), self.task.target(batch).float()
-            sq_sum += (base - target).pow(2).sum()
+            sq = (base - target).pow(2)
+            sq_sum += sq.sum()
             count += target.numel()
-        return float(sq_sum) / count
+            if self.task.eval_mask is not None:
+                mask = self.task.eval_mask(batch).float()
+                sq_region += (sq * mask).sum()
+                count_region += mask.sum() * sq.shape[1]
+        full = float(sq_sum) / count
+        if self.task.eval_mask is None:
+            return full, None
+        n = float(count_region)
+        return full, (float(sq_region) / n if n > 0 else full)
 
     # ----- one epoch -------------------------------------------------------------------------
     def _train_epoch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -199,16 +226,19 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
-        preds, targets, val_loss = [], [], torch.zeros((), device=self.device)
+        preds, targets, masks, val_loss = [], [], [], torch.zeros((), device=self.device)
         for batch in self._val_batches():
             with self._autocast():
                 batch_loss = self.task.training_step(self.model, batch, self.step)[0].float()
                 val_loss += batch_loss * _num_samples(batch)
                 preds.append(self.task.predict(self.model, batch).float())
             targets.append(self.task.target(batch).float())
+            if self.task.eval_mask is not None:
+                masks.append(self.task.eval_mask(batch))
         t0 = time.perf_counter()
         metrics = evaluate_all(torch.cat(preds), torch.cat(targets), mse_ref=self.mse_ref,
-                               weights=self.config.composite_weights)
+                               weights=self.config.composite_weights, mask=torch.cat(masks) if masks else None,
+                               mse_ref_active=self.mse_ref_active, region=self.objective_region)
         metrics["metrics_time_s"] = time.perf_counter() - t0
         metrics["val_loss"] = float(val_loss) / self.task.num_val
         return metrics
@@ -230,6 +260,9 @@ class Trainer:
         except ValueError:  # non-finite predictions: the metrics refuse them
             return self._diverged(metrics)
         metrics["baseline_mse"] = self.mse_ref
+        if self.mse_ref_active is not None:
+            metrics["baseline_mse_active"] = self.mse_ref_active
+        metrics["num_val"] = float(self.task.num_val)
         metrics["eval_time_s"] = time.perf_counter() - t1
         metrics["epoch_time_s"] = train_time + metrics["eval_time_s"]
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -240,6 +273,8 @@ class Trainer:
 
     def _diverged(self, metrics: dict[str, float]) -> EpochReport:
         metrics.update(DIVERGED_METRICS)
+        if self.task.eval_mask is not None:
+            metrics.update({"composite_full": DIVERGED_SCORE, "composite_active": DIVERGED_SCORE})
         self.history.append(metrics)
         return EpochReport(self.epoch, metrics, "diverged", self)
 
@@ -321,6 +356,24 @@ class Trainer:
         out = {"input": shown(batch), "baseline": self.task.baseline(batch),
                "prediction": prediction, "target": self.task.target(batch)}
         return {k: v.detach().float().clamp(0, 1).cpu() for k, v in out.items()}
+
+
+def small_validation_warning(task: Task) -> str | None:
+    """One line saying the task's validation set is too small to separate configs, or None."""
+    if task.num_val >= MIN_VAL_SAMPLES:
+        return None
+    return (f"warning: task {task.name}: the validation set has only {task.num_val} samples (< {MIN_VAL_SAMPLES}); "
+            "differences between configs may be noise: use more validation data")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning once per process (every trial of a sweep would repeat it)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("losstune").warning(message)
 
 
 def _num_samples(batch: Batch) -> int:

@@ -41,6 +41,10 @@ class Task:
         inputs_for_display: optional ``batch -> image`` N×C×H×W shown as "input" in reports.
         loss_modules: modules owned by the loss (e.g. a perceptual extractor) that must follow
             the model to the device; they are not trained.
+        eval_mask: optional ``batch -> region`` N×1×H×W (bool, or float > 0.5 = in): the pixels the
+            objective should look at (e.g. where the image changes). With it every validation
+            metric is also reported over the region (``ssim_active`` ...), and the composite can be
+            scored there (``objective_region``). It must depend on the batch only (not the model).
     """
 
     name: str
@@ -54,6 +58,7 @@ class Task:
     weight_names: tuple[str, ...] = ()
     inputs_for_display: Callable[[Batch], torch.Tensor] | None = None
     loss_modules: list[nn.Module] = field(default_factory=list)
+    eval_mask: Callable[[Batch], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         for split, data in (("train", self.train), ("val", self.val)):

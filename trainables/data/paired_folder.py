@@ -5,6 +5,8 @@
 * Each image is percentile-normalised on its own (``low``/``high`` percentiles → 0/1, clipped).
 * ``crops_per_image`` random ``crop_size``² crops per pair, the same window in input and target,
   deterministic from the seed (each file's crops depend only on the seed and its name).
+* Train and validation are split by image (no image gives crops to both); the validation images
+  give at least ``min_val_crops`` crops in all (more crops per image when there are few images).
 
 Every problem raises :class:`ValueError` naming the folder or file: a missing or empty folder,
 names present in one folder but not the other, an unreadable image, mismatched shapes, an image
@@ -13,6 +15,7 @@ smaller than the crop.
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -153,12 +156,15 @@ def load_paired_folders(input_dir: str | Path, target_dir: str | Path, *, crop_s
                         crops_per_image: int = 4, percentiles: tuple[float, float] = (1.0, 99.8),
                         seed: int = 0, val_input_dir: str | Path | None = None,
                         val_target_dir: str | Path | None = None, val_fraction: float = 0.2,
-                        prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                        min_val_crops: int = 1, prefix: str = "",
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Train and validation sets ``({"input", "target"}, {"input", "target"})`` from paired folders.
 
     Validation comes from ``val_input_dir``/``val_target_dir`` when given, else from a
-    seed-deterministic ``val_fraction`` of the files (at least one file each side). ``prefix``
-    (e.g. ``"data."``) is put before the setting names in error messages.
+    seed-deterministic ``val_fraction`` of the files (at least one file each side). Each validation
+    image gives ``max(crops_per_image, ceil(min_val_crops / number of validation images))`` crops, so
+    there are at least ``min_val_crops``. ``prefix`` (e.g. ``"data."``) is put before the setting names
+    in error messages.
     """
     if (val_input_dir is None) != (val_target_dir is None):
         raise ValueError(f"{prefix}val_input_dir and {prefix}val_target_dir go together (give both or neither)")
@@ -181,5 +187,6 @@ def load_paired_folders(input_dir: str | Path, target_dir: str | Path, *, crop_s
     options = dict(crop_size=crop_size, crops_per_image=crops_per_image, percentiles=percentiles,
                    crop_role=f"{prefix}crop_size")
     train = load_pairs(train_pairs, seed=seed, **options)
+    options["crops_per_image"] = max(crops_per_image, math.ceil(min_val_crops / len(val_pairs)))
     val = load_pairs(val_pairs, seed=seed + 1, **options)
     return train, val

@@ -16,6 +16,15 @@ Models (``model.name``):
 In both the intensity weight ramps up linearly over ``warmup_steps`` optimiser steps. The terms are
 declared in :data:`LOSS_TERMS` (see :mod:`trainables.terms`); the primary term is pixel for unet,
 diffusion for ddpm.
+
+Evaluation region (``Task.eval_mask``, the ``*_active`` metrics), ``data.eval_region``:
+``foreground`` (default) = the target's bright structures, ``target > Otsu threshold`` per crop,
+dilated by 2 px (a flat crop has none; the metrics then fall back to the whole frame for it), so
+the dark background that most crops of a specimen are does not dominate the score; ``none`` = no
+region (the objective is the whole frame).
+
+Validation size: folder data are split by image and the validation images give at least
+``data.min_val_crops`` crops (default 32).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from losstune.losses.diffusion import diffusion_loss
 from losstune.losses.gradient import gradient_loss
 from losstune.losses.intensity import intensity_weighted_loss
 from losstune.losses.pixel import charbonnier_loss, l1_loss, mse_loss
+from losstune.losses.regions import foreground
 from losstune.trainables.config import ConfigError, TrainConfig, parse_section
 from losstune.trainables.data.microscopy import make_synthetic
 from losstune.trainables.data.paired_folder import load_paired_folders
@@ -43,6 +53,8 @@ from losstune.trainables.terms import (DIFFUSION, GRADIENT, INTENSITY, PERCEPTUA
 # the fixed seed of the DDIM starting noise at evaluation: the same model gives the same predictions
 EVAL_SEED = 0
 _TRAIN_SPLIT, _VAL_SPLIT = 0x7A1, 0x7A2  # mixed into the data seed so train and val differ
+
+FOREGROUND_GROW_PX = 2  # the foreground is dilated by this much (to include the edges around it)
 
 PIXEL_LOSSES = {"mse": mse_loss, "l1": l1_loss, "charbonnier": charbonnier_loss}
 
@@ -64,6 +76,9 @@ class MicroscopyData(BaseModel):
     crops_per_image: int = Field(4, ge=1)
     percentiles: tuple[float, float] = (1.0, 99.8)
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    min_val_crops: int = Field(32, ge=1, description="folder data: validation crops at least (more per image)")
+    eval_region: Literal["foreground", "none"] = Field(
+        "foreground", description="the region of the *_active metrics: the target's foreground (Otsu), or none")
 
     @field_validator("percentiles")
     @classmethod
@@ -115,7 +130,7 @@ def load_data(data: MicroscopyData, seed: int) -> tuple[Batch, Batch]:
                 data.input_dir, data.target_dir, crop_size=data.crop_size or data.size,
                 crops_per_image=data.crops_per_image, percentiles=data.percentiles, seed=seed,
                 val_input_dir=data.val_input_dir, val_target_dir=data.val_target_dir,
-                val_fraction=data.val_fraction, prefix="data.")
+                val_fraction=data.val_fraction, min_val_crops=data.min_val_crops, prefix="data.")
         except ConfigError:
             raise
         except ValueError as err:
@@ -200,4 +215,5 @@ def build(config: TrainConfig) -> Task:
         weight_names=tuple(t.weight_key for t in LOSS_TERMS if t.used_by(arch.name)),
         inputs_for_display=lambda batch: batch["input"],
         loss_modules=loss_modules,
+        eval_mask=(lambda batch: foreground(batch["target"], FOREGROUND_GROW_PX)) if data.eval_region != "none" else None,
     )

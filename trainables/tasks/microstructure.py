@@ -25,6 +25,12 @@ weight ``pixel_weight``), ``gradient`` (``gradient_mode``, weight ``gradient_wei
 :func:`losses.weighting.solidification_weights` of the target's temperature (``T_solidus``,
 ``T_liquidus``). ``warmup_steps`` ramps the gradient and perceptual weights up from 0. The terms are
 declared in :data:`LOSS_TERMS` (see :mod:`trainables.terms`); pixel is the primary term.
+
+Evaluation region (``Task.eval_mask``, the ``*_active`` metrics): the pixels that change between the
+last input frame and the target (``|target − last input| > 0.05`` in any RGB channel, dilated by
+2 px: the moving melt pool and the grains growing behind it), united with the target frame's
+solidification window ``T_solidus <= T <= T_liquidus``. About 90 % of a frame is copied through
+unchanged, so whole-frame metrics mostly measure the copy; the region measures the prediction.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from torch import nn
 from losstune.losses.combined import WeightedLoss
 from losstune.losses.gradient import gradient_loss
 from losstune.losses.perceptual import PerceptualLoss
+from losstune.losses.regions import changed_region
 from losstune.losses.pixel import charbonnier_loss, l1_loss, mse_loss
 from losstune.losses.weighting import solidification_weights
 from losstune.trainables.config import ConfigError, TrainConfig, parse_section, parse_train_config
@@ -50,6 +57,15 @@ from losstune.trainables.task import Batch, LossResult, Task
 from losstune.trainables.terms import GRADIENT, PERCEPTUAL, PIXEL, declare_terms, weighted_loss
 
 PIXEL_LOSSES = {"mse": mse_loss, "l1": l1_loss, "charbonnier": charbonnier_loss}
+CHANGE_THRESHOLD = 0.05  # |target − last input| above this (any channel) counts as a change
+CHANGE_GROW_PX = 2       # the changed pixels are dilated by this much (to include the edges around them)
+
+
+def active_region(batch: Batch, t_solidus: float, t_liquidus: float) -> torch.Tensor:
+    """The evaluation region of a batch (N×1×H×W bool): changed pixels ∪ the solidification window."""
+    changed = changed_region(batch["target"], batch["frames"][:, -1, :3], CHANGE_THRESHOLD, CHANGE_GROW_PX)
+    temperature = batch["temperature"]
+    return changed | ((temperature >= t_solidus) & (temperature <= t_liquidus))
 
 
 class MicrostructureData(BaseModel):
@@ -237,4 +253,5 @@ def build(config: Mapping | TrainConfig) -> Task:
         weight_names=tuple(term.weight_key for term in LOSS_TERMS),
         inputs_for_display=last_frame,
         loss_modules=loss_modules,
+        eval_mask=lambda batch: active_region(batch, t_solidus, t_liquidus),
     )
