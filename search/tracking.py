@@ -145,7 +145,8 @@ def check_tracking(uri: str, timeout: float = 5.0, create: bool = True) -> None:
         _client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure means we cannot track
         text = " ".join(str(err).split())
-        if any(f"error code {code}" in text or f"status code {code}" in text for code in (401, 403)):
+        refused = getattr(err, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+        if refused or any(f"error code {code}" in text for code in (401, 403)):
             raise TrackingUnavailable(f"MLflow tracking server at {uri} refused the credentials; check "
                                       "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN") from None
         reason = text if len(text) <= 300 else text[:297] + "..."
