@@ -16,7 +16,8 @@ import yaml
 
 from losstune.search import space as sp
 from losstune.search.config import Sweep, SweepConfigError, load_sweep
-from losstune.search.runner import SweepInputError, choose_name, overrides_text, probe_address, ray_address
+from losstune.search.runner import (RayTokenRefused, SweepInputError, check_ray_token, choose_name,
+                                    overrides_text, probe_address, ray_address)
 from losstune.search.tracking import TrackingUnavailable, check_tracking
 from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE
 
@@ -59,8 +60,11 @@ def describe_plan(sweep: Sweep, *, resume: bool = False, address: str | None = N
     if target:
         try:
             probe_address(target)
+            check_ray_token(target)
         except ConnectionError as err:
             raise SweepInputError(f"Ray: cannot start or connect to {target}: {err}") from None
+        except RayTokenRefused as err:
+            raise SweepInputError(f"Ray: {err}") from None
         ray_plan: dict[str, Any] = {"address": target, "resources": "checked when connected"}
         concurrent = sweep.search.max_concurrent
     else:

@@ -55,6 +55,10 @@ class SweepRuntimeError(RuntimeError):
     """The sweep ran but failed (exit code 1)."""
 
 
+class RayTokenRefused(RuntimeError):
+    """The Ray cluster uses token authentication and refused this driver (no token, or not its token)."""
+
+
 @dataclass
 class SweepOutcome:
     sweep_dir: Path
@@ -97,6 +101,45 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
             return
     except OSError as err:
         raise ConnectionError(f"nothing answers at {address} ({err})") from None
+
+
+# Asks the cluster's GCS for one key, in a separate process so that Ray's C++ warning line about a refused
+# token stays out of the driver's output; exit 3: the cluster refused this driver's (missing or wrong) token.
+_AUTH_PROBE = r"""
+import sys
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"session_name", namespace=b"session", timeout=10)
+except AuthenticationError:
+    sys.exit(3)
+except Exception:
+    sys.exit(0)  # any other trouble: ray.init reports it
+"""
+
+RAY_TOKEN_HINT = ("set RAY_AUTH_MODE=token and the cluster's token: RAY_AUTH_TOKEN=<`ray get-auth-token` on the "
+                  "head> (or RAY_AUTH_TOKEN_PATH=<a file holding it>)")
+
+
+def check_ray_token(address: str, timeout: float = 30.0) -> None:
+    """A cluster with token authentication refuses a driver without its token, and ``ray.init`` then prints a
+    screen of warnings: find out first, with the same environment ray.init would use, and say what to set.
+
+    Raises :class:`RayTokenRefused` with a one-line message; any other outcome is left to ``ray.init``.
+    """
+    import subprocess
+    import sys
+    if "://" in address or address == "auto":
+        return  # the Ray client (ray://) authenticates differently; "auto" is a local cluster
+    try:
+        proc = subprocess.run([sys.executable, "-c", _AUTH_PROBE, address], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if proc.returncode == 3:
+        given = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        why = "refused this driver's token" if given else "uses token authentication"
+        raise RayTokenRefused(f"the cluster at {address} {why}: {RAY_TOKEN_HINT}")
 
 
 @contextlib.contextmanager
@@ -147,6 +190,8 @@ def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     remote = ray_address(sweep, address)
     if remote:
         probe_address(remote)  # a dead address is an input error, whatever runs in this process
+    if remote and not ray.is_initialized():
+        check_ray_token(remote)
     if ray.is_initialized():  # API use inside a process that already runs Ray: use that one
         if remote:
             logger.warning("Ray is already initialised in this process; address %s is not used", remote)
@@ -267,6 +312,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     with first_ctrl_c_sets_event(CTRL_C_NOTICE) as ctrl_c:
         try:
             started_ray = init_ray(sweep, address)
+        except RayTokenRefused as err:  # the cluster wants a token this driver lacks
+            raise SweepInputError(f"Ray: {err}") from None
         except Exception as err:  # noqa: BLE001 - e.g. no cluster at the address
             where = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
             raise SweepInputError(f"Ray: cannot start or connect to {where}: {type(err).__name__}: {err}") from None

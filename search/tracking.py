@@ -114,7 +114,7 @@ def sqlite_path(uri: str) -> Path | None:
     return None
 
 
-def check_tracking(uri: str, timeout: float = 5.0, create: bool = True) -> None:
+def check_tracking(uri: str, timeout: float = 10.0, create: bool = True) -> None:
     """Fail fast (:class:`TrackingUnavailable`) when the tracking store cannot work.
 
     A sqlite store: its folder is made (``create``; else the nearest existing folder must be writable)
