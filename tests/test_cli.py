@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import ssl
+import sys
 import subprocess
 import threading
 from pathlib import Path
@@ -296,3 +297,54 @@ def test_the_pre_check_honours_mlflows_tls_and_auth_settings(https_server, clean
     clean_env.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
     check_tracking(url, timeout=3)
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the probe's own settings are undone
+
+
+# ----- a user's project with its own losses/, search/, trainables/ ----------------------------------
+USER_LOSSES = '''"""The user's own losses package (same name as losstune's, which lives at losstune.losses)."""
+import torch
+
+def l1(pred, target, **_):
+    return (pred - target).abs().mean()
+'''
+USER_SEARCH = '''"""The user's own search package: losstune must not import it."""
+raise ImportError("the user's search package was imported by losstune")
+'''
+USER_TASK = '''"""A plug-in task in the user's trainables package, using the user's losses package."""
+import plugin_task  # losstune's test plug-in: the data and model
+from losstune.losses.combined import WeightedLoss
+from losses import l1
+
+def build(config):
+    task = plugin_task.build(config)
+    loss = WeightedLoss({"pixel": l1}, {"pixel": config.pixel_weight})
+    task.training_step = lambda model, batch, step: loss(step, pred=model(batch["input"]), target=batch["target"])
+    task.weight_names = ("pixel_weight",)
+    return task
+'''
+
+
+def test_a_user_project_with_its_own_losses_search_trainables_packages(tmp_path):
+    """With the user's ``losses``, ``search`` and ``trainables`` packages first on PYTHONPATH, a sweep
+    of the user's plug-in (which imports the user's ``losses``) runs to the end: losstune imports only
+    its own ``losstune.*`` packages."""
+    project = tmp_path / "project"
+    for package, text in (("losses", USER_LOSSES), ("search", USER_SEARCH), ("trainables", "")):
+        (project / package).mkdir(parents=True)
+        (project / package / "__init__.py").write_text(text)
+    (project / "trainables" / "my_task.py").write_text(USER_TASK)
+    cfg = {"name": "mine", "train": {"task": "trainables.my_task:build", "epochs": 1, "batch_size": 12,
+                                     "device": "cpu", "amp": "off", "data": {"size": 16}},
+           "space": {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}},
+           "search": {"num_samples": 2, "max_concurrent": 2}, "scheduler": {"type": "fifo"},
+           "mlflow": {"experiment": "mine"}}
+    (project / "sweep.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(project), str(REPO / "tests")])  # the user's packages first
+    exe = Path(sys.executable).with_name("losstune")
+    proc = subprocess.run([str(exe), "sweep", "sweep.yaml", "ray.num_cpus=2"], capture_output=True, text=True,
+                          cwd=project, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "Traceback" not in out
+    info = json.loads((project / "results" / "mine" / "sweep.json").read_text())
+    assert info["status"] == "finished" and (project / "results" / "mine" / "best.yaml").is_file()
