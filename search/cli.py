@@ -1,7 +1,8 @@
 """``losstune`` command line: sweep, export, train, trials, report.
 
 Exit codes: 0 ok, 2 bad input (config, paths, unreachable tracking server; nothing was started),
-1 runtime failure (the sweep/training ran and failed, or nothing could be exported).
+1 runtime failure (the sweep/training ran and failed, or nothing could be exported), 130 interrupted
+(Ctrl-C; ``--resume`` continues a sweep or a training).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, in every command and at every stage (128 + SIGINT, as shells report it)
 
 
 def _version() -> str:
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="losstune",
         description="Tune the loss weights of image-to-image models with Optuna on Ray Tune, tracked in MLflow.",
-        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input.")
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input, 130 interrupted (Ctrl-C).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -35,14 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a sweep: Optuna suggests loss weights, Ray Tune trains the trials "
                                    "(ASHA stops bad ones early), MLflow logs everything; the best config is "
                                    "exported to <results>/<name>/best.yaml.")
-    p.add_argument("config", help="sweep YAML (see configs/microstructure.yaml for the documented shape)")
-    p.add_argument("--name", help="sweep name (results/<name>/, MLflow parent run); default: the config's")
+    p.add_argument("config", metavar="CONFIG",
+                   help="sweep YAML (see configs/microstructure.yaml for the documented shape); with --resume "
+                        "also a sweep's results folder (results/<name>)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="set any config field: dotted key, YAML value (train.epochs=3 search.num_samples=16 "
+                        "resources.gpu=0.5 'space.lr={type: loguniform, low: 1e-4, high: 1e-2}'); "
+                        "validated like the file, recorded in the sweep's sweep.json and MLflow parent run")
+    p.add_argument("--name", help="sweep name (results/<name>/, MLflow parent run); default: the config's, "
+                                  "made unique (NAME-2, NAME-3 ...) when results/<name> exists; a --name "
+                                  "that exists is refused")
     p.add_argument("--num-samples", type=int, help="number of trials (overrides search.num_samples)")
     p.add_argument("--address", help="Ray cluster address (overrides ray.address and $RAY_ADDRESS)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: losstune sweep --resume results/<name> "
+                        "(or CONFIG [--name NAME] --resume)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate everything and print the resolved config, search space, planned trials, "
+                        "resources and tracking target; starts nothing, writes nothing")
     p.add_argument("--results-dir", help="results root (overrides results_dir)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides mlflow.tracking_uri / $MLFLOW_TRACKING_URI)")
-    p.add_argument("--experiment", help="MLflow experiment name (overrides mlflow.experiment)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (precedence: this flag > mlflow.tracking_uri > "
+                                          "$MLFLOW_TRACKING_URI > sqlite:///results/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment (precedence: this flag > mlflow.experiment > "
+                                        "$MLFLOW_EXPERIMENT_NAME > losstune)")
 
     p = sub.add_parser("export", help="write the best trial(s) of a sweep as training YAML(s)")
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
@@ -70,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
     p.add_argument("--sort", help="sort by this column (default composite, best first)")
     p.add_argument("--csv", help="also write the table to this CSV file")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or json (a list of trials, one object each, on stdout)")
+
+    p = sub.add_parser("ls", help="list the sweeps in a results folder: status, trials, best, verified")
+    p.add_argument("results_root", metavar="RESULTS_ROOT", nargs="?", default="results",
+                   help="the folder holding sweep folders (default: results)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
     return parser
 
 
@@ -78,21 +102,41 @@ def _err(msg: str) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from losstune.search.config import SweepConfigError, load_sweep
+    from losstune.search.config import SweepConfigError, load_sweep, parse_overrides
+    from losstune.search.dry_run import describe_plan
     from losstune.search.runner import SweepInputError, SweepRuntimeError, run_sweep
+    from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE
     if args.num_samples is not None and args.num_samples < 1:
         _err("--num-samples: must be >= 1")
         return EXIT_INPUT
     overrides = {"name": args.name, "num_samples": args.num_samples, "address": args.address,
                  "results_dir": args.results_dir, "tracking_uri": args.tracking_uri, "experiment": args.experiment}
+    config = Path(args.config)
     try:
+        sets = parse_overrides(args.overrides)
+        if args.resume and sets:
+            raise SweepConfigError("KEY=VALUE overrides cannot change a sweep being resumed (--resume continues "
+                                   "it as it was started); start a new sweep with them instead")
+        if args.resume and config.is_dir():  # losstune sweep --resume results/NAME
+            if not (config / SWEEP_FILE).is_file():
+                raise SweepConfigError(f"{config}: not a sweep's results folder (no {SWEEP_FILE}); nothing to resume")
+            if args.name or args.results_dir:
+                raise SweepConfigError("--resume RESULTS_FOLDER names the sweep itself; drop --name / --results-dir")
+            overrides.update(name=config.resolve().name, results_dir=str(config.resolve().parent))
+            config = config / SWEEP_CONFIG
+        elif config.is_dir() and (config / SWEEP_FILE).is_file():
+            raise SweepConfigError(f"{config}: not a file but a sweep's results folder; to continue that sweep: "
+                                   f"losstune sweep --resume {config}")
         # on --resume the saved config is authoritative: check the given one only shallowly
-        sweep = load_sweep(args.config, overrides, deep=not args.resume)
+        sweep = load_sweep(config, overrides, deep=not args.resume, sets=sets)
     except SweepConfigError as err:
         _err(str(err))
         return EXIT_INPUT
     try:
-        outcome = run_sweep(sweep, resume=args.resume, address=args.address)
+        if args.dry_run:
+            print(describe_plan(sweep, resume=args.resume, address=args.address, new_name_if_taken=not args.name))
+            return EXIT_OK
+        outcome = run_sweep(sweep, resume=args.resume, address=args.address, new_name_if_taken=not args.name)
     except SweepInputError as err:
         _err(str(err))
         return EXIT_INPUT
@@ -102,7 +146,7 @@ def cmd_sweep(args) -> int:
     if outcome.status == "finished":
         return EXIT_OK
     if outcome.status == "interrupted":
-        return EXIT_RUNTIME
+        return EXIT_INTERRUPTED
     _err(f"no trial succeeded; see {outcome.sweep_dir}/trials.csv and the trials' error.txt")
     return EXIT_RUNTIME
 
@@ -143,7 +187,7 @@ def cmd_train(args) -> int:
                 again += [flag, str(value)]
         print(f"[losstune] interrupted after epoch {stop.epoch}/{stop.epochs}; the state is saved in {stop.out_dir}")
         print(f"[losstune] continue it with: {shlex.join(again)} --resume")
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - a runtime failure of the training itself
         _err(f"training failed: {type(err).__name__}: {err}")
         return EXIT_RUNTIME
@@ -165,7 +209,9 @@ def cmd_trials(args) -> int:
     except ResultsError as err:
         _err(str(err))
         return EXIT_INPUT
-    if table.empty:
+    if args.format == "json":
+        print(table.drop(columns=["path"], errors="ignore").to_json(orient="records", indent=1))
+    elif table.empty:
         print("(no trials yet)")
     else:
         print(format_table(table))
@@ -193,8 +239,26 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_ls(args) -> int:
+    import json
+
+    from losstune.search.listing import format_listing, list_sweeps
+    root = Path(args.results_root)
+    if not root.is_dir():
+        _err(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
+        return EXIT_INPUT
+    sweeps = list_sweeps(root)
+    if args.format == "json":
+        print(json.dumps(sweeps, indent=1))
+    elif not sweeps:
+        print(f"(no sweeps in {root})")
+    else:
+        print(format_listing(sweeps))
+    return EXIT_OK
+
+
 COMMANDS = {"sweep": cmd_sweep, "export": cmd_export, "train": cmd_train, "trials": cmd_trials,
-            "report": cmd_report}
+            "report": cmd_report, "ls": cmd_ls}
 
 
 def _setup_logging() -> None:
@@ -212,7 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # KEY=VALUE overrides may come after options too (sweep CONFIG --name x train.epochs=3)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if args.command != "sweep" or any(e.startswith("-") for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*args.overrides, *extra]
     except SystemExit as exc:  # --help / --version exit 0, usage errors exit 2
         code = exc.code
         return code if isinstance(code, int) else EXIT_INPUT
@@ -223,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         _err("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def entry() -> None:  # pragma: no cover

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import yaml
@@ -22,6 +22,7 @@ from losstune.search import space as sp
 from losstune.trainables.config import DEFAULT_COMPOSITE_WEIGHTS, ConfigError, parse_train_config
 
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
+DEFAULT_EXPERIMENT = "losstune"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # the pareto objective's metrics and their directions
 PARETO_METRICS = {"ssim": "max", "mse": "min", "gradient_match": "max"}
@@ -119,8 +120,8 @@ class ResourcesSection(_Section):
 
 
 class MlflowSection(_Section):
-    tracking_uri: str | None = None
-    experiment: str = Field("losstune", min_length=1)
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI
+    experiment: str | None = Field(None, min_length=1)  # None: $MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT
     enabled: bool = True
 
     @field_validator("tracking_uri")
@@ -177,10 +178,21 @@ class Sweep:
     """
 
     def __init__(self, file: SweepFile, raw: dict[str, Any], source: str | None, base_train: dict[str, Any],
-                 params: dict[str, sp.ParamSpec], fixed: dict[str, Any], points: list[dict[str, Any]]):
+                 params: dict[str, sp.ParamSpec], fixed: dict[str, Any], points: list[dict[str, Any]],
+                 overrides: Mapping[str, Any] | None = None):
         self.file, self.raw, self.source = file, raw, source
         self.base_train, self.params, self.fixed, self.points = base_train, params, fixed, points
-        self.warnings: list[str] = []
+        self.warnings: list[str] = []  # printed when the sweep starts (e.g. a small validation set)
+        self.overrides = dict(overrides or {})  # dotted key -> value given as KEY=VALUE (provenance)
+
+    def renamed(self, name: str) -> "Sweep":
+        """The same sweep under another name (its own results folder and MLflow parent run)."""
+        if not NAME_RE.match(name):
+            raise SweepConfigError(f"name: {name!r}: use letters, digits, '_', '-', '.' (no path separators)")
+        sweep = Sweep(self.file.model_copy(update={"name": name}), {**self.raw, "name": name}, self.source,
+                      self.base_train, self.params, self.fixed, self.points, self.overrides)
+        sweep.warnings = list(self.warnings)
+        return sweep
 
     # convenient views
     @property
@@ -218,6 +230,10 @@ class Sweep:
     @property
     def tracking_uri(self) -> str:
         return resolve_tracking_uri(self.file.mlflow.tracking_uri)
+
+    @property
+    def experiment(self) -> str:
+        return resolve_experiment(self.file.mlflow.experiment)
 
     @property
     def storage_path(self) -> str:
@@ -260,7 +276,8 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else the default; sqlite paths made absolute (vs the CWD)."""
+    """The tracking URI: ``uri`` (``--tracking-uri``, else the config's ``mlflow.tracking_uri``), else
+    $MLFLOW_TRACKING_URI, else :data:`DEFAULT_TRACKING_URI`; sqlite paths made absolute (vs the CWD)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     check_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
@@ -268,6 +285,12 @@ def resolve_tracking_uri(uri: str | None) -> str:
         if path and path != ":memory:" and not path.startswith("/"):
             return "sqlite:///" + str(Path(path).expanduser().resolve())
     return uri
+
+
+def resolve_experiment(name: str | None) -> str:
+    """The MLflow experiment: ``name`` (``--experiment``, else the config's ``mlflow.experiment``), else
+    $MLFLOW_EXPERIMENT_NAME, else :data:`DEFAULT_EXPERIMENT`."""
+    return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 # ----- loading ----------------------------------------------------------------------------------
@@ -279,6 +302,29 @@ OVERRIDES = {  # CLI flag -> dotted config key
     "tracking_uri": "mlflow.tracking_uri",
     "experiment": "mlflow.experiment",
 }
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "space.lr.high=0.1"]`` -> ``{"train.epochs": 3, "space.lr.high": 0.1}``.
+
+    Keys are dotted paths into the sweep config; values are YAML (``3`` is an int, ``[4, 8]`` a list,
+    ``{type: uniform, low: 0, high: 1}`` a mapping, an empty value null). Validation happens with the
+    config's (:func:`validate_sweep`), so an unknown key is reported there with its dotted path.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SweepConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        if not all(part.isidentifier() or part.replace("-", "_").isidentifier() for part in key.split(".")):
+            raise SweepConfigError(f"override {item!r}: {key!r} is not a dotted config key")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise SweepConfigError(f"override {key}: the value {text!r} is not valid YAML: {problem}") from None
+    return out
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -298,18 +344,23 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_sweep(path: str | Path, overrides: Mapping[str, Any] | None = None, deep: bool = True,
-               check_task: bool = True, check_paths: bool = True) -> Sweep:
-    """Read, override (CLI flags, see :data:`OVERRIDES`) and validate a sweep YAML."""
+               check_task: bool = True, check_paths: bool = True, sets: Mapping[str, Any] | None = None) -> Sweep:
+    """Read, override and validate a sweep YAML.
+
+    ``sets``: dotted config key -> value (``losstune sweep CONFIG key=value``, see :func:`parse_overrides`),
+    applied first; ``overrides``: CLI flag -> value (see :data:`OVERRIDES`), applied after, so a flag wins.
+    """
     raw = read_yaml(path)
     if raw is None:
         raise SweepConfigError(f"{path}: the file is empty")
     return validate_sweep(raw, source=str(path), overrides=overrides, deep=deep, check_task=check_task,
-                          check_paths=check_paths)
+                          check_paths=check_paths, sets=sets)
 
 
 def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, Any] | None = None,
-                   deep: bool = True, check_task: bool = True, check_paths: bool = True) -> Sweep:
-    """Validate a sweep mapping.
+                   deep: bool = True, check_task: bool = True, check_paths: bool = True,
+                   sets: Mapping[str, Any] | None = None) -> Sweep:
+    """Validate a sweep mapping (``sets`` and ``overrides`` as in :func:`load_sweep`).
 
     ``check_task`` resolves the task factory (unknown task -> error); ``deep`` also builds the task
     once with a representative point, which checks its data/model sections (and data folders).
@@ -325,6 +376,11 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
     if not isinstance(raw, Mapping):
         raise fail(f"expected a mapping at the top level, got {type(raw).__name__}")
     raw = copy.deepcopy(dict(raw))
+    for key, value in (sets or {}).items():
+        try:
+            sp.set_path(raw, key, copy.deepcopy(value))
+        except ValueError:
+            raise fail(f"{key}: cannot set it: {_parent_not_mapping(raw, key)} is not a mapping") from None
     for flag, value in (overrides or {}).items():
         if value is None:
             continue
@@ -412,7 +468,7 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
 
     # the task must exist (and, deep, accept its data/model sections)
     if not check_task:
-        return Sweep(file, raw, source, base_raw, params, fixed, points)
+        return Sweep(file, raw, source, base_raw, params, fixed, points, sets)
     from losstune.trainables.registry import get_task_factory
     try:
         factory = get_task_factory(base.task)
@@ -431,11 +487,22 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
         if midpoint.objective_region == "active" and task.eval_mask is None:
             raise fail(f"objective.region: 'active' but task {base.task!r} gives no evaluation region (use full or auto)")
         from losstune.trainables.loop import small_validation_warning
-        sweep = Sweep(file, raw, source, base_raw, params, fixed, points)
+        sweep = Sweep(file, raw, source, base_raw, params, fixed, points, sets)
         sweep.warnings += [w for w in (small_validation_warning(task),) if w]
         return sweep
 
-    return Sweep(file, raw, source, base_raw, params, fixed, points)
+    return Sweep(file, raw, source, base_raw, params, fixed, points, sets)
+
+
+def _parent_not_mapping(raw: Mapping[str, Any], key: str) -> str:
+    """The first dotted prefix of ``key`` whose value in ``raw`` is not a mapping."""
+    node: Any = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and not isinstance(node, Mapping):
+            return ".".join(parts[:i + 1])
+    return key
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -67,6 +67,7 @@ def trial_document(results: SweepResults, trial_id: str, rank: int) -> dict[str,
             "run_id": _clean(row["run_id"]) if isinstance(row["run_id"], str) else None,
         },
         "sweep_config": info.get("config_path"),
+        "overrides": info.get("overrides") or {},  # KEY=VALUE given on the command line
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return {**config, "provenance": provenance}

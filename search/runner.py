@@ -57,6 +57,10 @@ class SweepRuntimeError(RuntimeError):
     """The sweep ran but failed (exit code 1)."""
 
 
+class RayTokenRefused(RuntimeError):
+    """The Ray cluster uses token authentication and refused this driver (no token, or not its token)."""
+
+
 @dataclass
 class SweepOutcome:
     sweep_dir: Path
@@ -101,6 +105,45 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {address} ({err})") from None
 
 
+# Asks the cluster's GCS for one key, in a separate process so that Ray's C++ warning line about a refused
+# token stays out of the driver's output; exit 3: the cluster refused this driver's (missing or wrong) token.
+_AUTH_PROBE = r"""
+import sys
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"session_name", namespace=b"session", timeout=10)
+except AuthenticationError:
+    sys.exit(3)
+except Exception:
+    sys.exit(0)  # any other trouble: ray.init reports it
+"""
+
+RAY_TOKEN_HINT = ("set RAY_AUTH_MODE=token and the cluster's token: RAY_AUTH_TOKEN=<`ray get-auth-token` on the "
+                  "head> (or RAY_AUTH_TOKEN_PATH=<a file holding it>)")
+
+
+def check_ray_token(address: str, timeout: float = 30.0) -> None:
+    """A cluster with token authentication refuses a driver without its token, and ``ray.init`` then prints a
+    screen of warnings: find out first, with the same environment ray.init would use, and say what to set.
+
+    Raises :class:`RayTokenRefused` with a one-line message; any other outcome is left to ``ray.init``.
+    """
+    import subprocess
+    import sys
+    if "://" in address or address == "auto":
+        return  # the Ray client (ray://) authenticates differently; "auto" is a local cluster
+    try:
+        proc = subprocess.run([sys.executable, "-c", _AUTH_PROBE, address], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if proc.returncode == 3:
+        given = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        why = "refused this driver's token" if given else "uses token authentication"
+        raise RayTokenRefused(f"the cluster at {address} {why}: {RAY_TOKEN_HINT}")
+
+
 @contextlib.contextmanager
 def _without_ray_notices(*notices: tuple[str, Callable[[str], bool]]):
     """Drop some of Ray's log messages while the block runs: (logger name, is-the-notice(message)) pairs."""
@@ -137,13 +180,20 @@ _NO_RESULTS_YET = ("ray.tune.analysis.experiment_analysis", _only_trials_without
 CTRL_C_NOTICE = "[losstune] Ctrl-C: stopping at the next safe point (press it again to stop at once)"
 
 
+def ray_address(sweep: Sweep, address: str | None = None) -> str | None:
+    """The cluster to connect to (``--address`` > ray.address > $RAY_ADDRESS); None: start a local Ray."""
+    address = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or None
+    return address if address and address != "local" else None
+
+
 def init_ray(sweep: Sweep, address: str | None = None) -> bool:
     """Connect to (``address`` / config / $RAY_ADDRESS) or start a local Ray; True if we started it."""
     import ray
-    address = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or None
-    remote = address if address and address != "local" else None
+    remote = ray_address(sweep, address)
     if remote:
         probe_address(remote)  # a dead address is an input error, whatever runs in this process
+    if remote and not ray.is_initialized():
+        check_ray_token(remote)
     if ray.is_initialized():  # API use inside a process that already runs Ray: use that one
         if remote:
             logger.warning("Ray is already initialised in this process; address %s is not used", remote)
@@ -178,15 +228,59 @@ def _write_info(sweep_dir: Path, info: dict[str, Any]) -> None:
     write_json_atomic(sweep_dir / SWEEP_FILE, info)
 
 
+def overrides_text(overrides: dict[str, Any]) -> str:
+    """KEY=VALUE overrides as one would type them (the MLflow parent run's ``losstune.overrides`` tag)."""
+    def text(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip().removesuffix("...").strip()
+    return " ".join(f"{key}={text(value)}" for key, value in overrides.items())
+
+
+def _name_taken(sweep: Sweep) -> bool:
+    """A results folder, or (local ``ray.storage_path`` elsewhere) a Tune folder, of that name exists."""
+    if sweep.sweep_dir.exists():
+        return True
+    return "://" not in sweep.storage_path and (Path(sweep.storage_path) / sweep.name).exists()
+
+
+def choose_name(sweep: Sweep, new_name_if_taken: bool = True, out: Callable[[str], None] = print) -> Sweep:
+    """The sweep under a name whose results folder is free.
+
+    A taken name (an earlier run of the same config) becomes ``NAME-2``, ``NAME-3``, ... (printed, with
+    the command that continues the earlier one) when ``new_name_if_taken``; otherwise (a name the user
+    chose with ``--name``) :class:`SweepInputError` names both ways on: ``--resume`` or a free name.
+    """
+    if not _name_taken(sweep):
+        return sweep
+    base, n = sweep.name, 2
+    stem, sep, number = base.rpartition("-")
+    if sep and number.isdigit() and stem:  # quickstart-2 taken: quickstart-3, not quickstart-2-2
+        base, n = stem, int(number) + 1
+    while _name_taken(candidate := sweep.renamed(f"{base}-{n}")):
+        n += 1
+    if not new_name_if_taken:
+        raise SweepInputError(f"{sweep.sweep_dir} already exists: continue it with "
+                              f"`losstune sweep --resume {sweep.sweep_dir}`, or start a new sweep with "
+                              f"--name {candidate.name} (free)")
+    out(f"[losstune] {sweep.sweep_dir} exists (continue it with: losstune sweep --resume {sweep.sweep_dir}); "
+        f"this sweep is {candidate.name!r}")
+    return candidate
+
+
 def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
-              out: Callable[[str], None] = print, flush_timeout: float | None = None) -> SweepOutcome:
+              out: Callable[[str], None] = print, flush_timeout: float | None = None,
+              new_name_if_taken: bool = True) -> SweepOutcome:
     """Run (or, with ``resume``, continue) a sweep to the end; see the module docstring for the outputs.
 
-    Raises :class:`SweepInputError` (results exist / nothing to resume / tracking unreachable) before
-    anything starts, :class:`SweepRuntimeError` when the sweep cannot run.
+    A new sweep whose name is taken runs as ``NAME-2``, ``NAME-3`` ... (see :func:`choose_name`;
+    ``new_name_if_taken=False`` refuses instead). Raises :class:`SweepInputError` (name taken and no new
+    name wanted / nothing to resume / tracking unreachable) before anything starts,
+    :class:`SweepRuntimeError` when the sweep cannot run.
     """
     sweep_dir = sweep.sweep_dir
     info_path = sweep_dir / SWEEP_FILE
+    if resume and sweep.overrides:
+        raise SweepInputError("KEY=VALUE overrides cannot change a sweep being resumed (--resume continues it "
+                              "as it was started); start a new sweep with them instead")
     if resume:
         if not info_path.is_file():
             raise SweepInputError(f"{sweep_dir}: nothing to resume (no {SWEEP_FILE}); start it without --resume")
@@ -200,11 +294,10 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
                 "changes in the given config are ignored")
         sweep = resumed
         info = json.loads(info_path.read_text())
-    elif sweep_dir.exists():
-        raise SweepInputError(f"{sweep_dir} already exists: continue that sweep with --resume, "
-                              "or start a new one with --name NEW_NAME (or another --results-dir)")
     else:
-        info = {}
+        sweep = choose_name(sweep, new_name_if_taken, out)
+        sweep_dir = sweep.sweep_dir
+        info = {"overrides": sweep.overrides} if sweep.overrides else {}
 
     tracking = sweep.file.mlflow.enabled
     uri = sweep.tracking_uri if tracking else None
@@ -221,6 +314,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     with first_ctrl_c_sets_event(CTRL_C_NOTICE) as ctrl_c:
         try:
             started_ray = init_ray(sweep, address)
+        except RayTokenRefused as err:  # the cluster wants a token this driver lacks
+            raise SweepInputError(f"Ray: {err}") from None
         except Exception as err:  # noqa: BLE001 - e.g. no cluster at the address
             where = address or sweep.file.ray.address or os.environ.get("RAY_ADDRESS") or "a local Ray"
             raise SweepInputError(f"Ray: cannot start or connect to {where}: {type(err).__name__}: {err}") from None
@@ -327,8 +422,8 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
             sweep_dir.mkdir(parents=True, exist_ok=False)
             created = True
             saved = dict(sweep.raw, results_dir=str(sweep.results_dir))  # absolute: --resume from anywhere
-            if uri:
-                saved["mlflow"] = {**(saved.get("mlflow") or {}), "tracking_uri": uri}
+            if uri:  # resolved: a resume tracks to the same place whatever the environment says then
+                saved["mlflow"] = {**(saved.get("mlflow") or {}), "tracking_uri": uri, "experiment": sweep.experiment}
             (sweep_dir / SWEEP_CONFIG).write_text(
                 f"# the effective sweep config of {sweep.name!r} (from {sweep.source}); --resume reads it\n"
                 + yaml.safe_dump(saved, sort_keys=False, default_flow_style=None))
@@ -336,7 +431,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
         info.update({"name": sweep.name, "status": "running", "config_path": str(Path(sweep.source).resolve())
                      if sweep.source and not resume else info.get("config_path"),
                      "sweep_config": SWEEP_CONFIG, "tune_dir": tune_dir, "storage_path": sweep.storage_path,
-                     "tracking_uri": uri, "experiment": sweep.file.mlflow.experiment,
+                     "tracking_uri": uri, "experiment": sweep.experiment,
                      "objective": sweep.objective.model_dump(), "max_epochs": sweep.epochs,
                      "params": list(sweep.params), "num_samples": sweep.search.num_samples,
                      "optuna_storage": f"sqlite:///{sweep_dir / OPTUNA_DB}", "optuna_study": sweep.name})
@@ -344,13 +439,13 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
         if resume:
             info["resumed_at"] = _now()
         if tracking:
-            tracker = SweepTracker(uri, sweep.file.mlflow.experiment)
-            parent = tracker.start(sweep.name, _parent_params(sweep),
-                                   {"losstune.task": str(sweep.base_train["task"]),
-                                    "losstune.sweep_dir": str(sweep_dir)},
-                                   resume_run_id=info.get("parent_run_id"))
+            tracker = SweepTracker(uri, sweep.experiment)
+            tags = {"losstune.task": str(sweep.base_train["task"]), "losstune.sweep_dir": str(sweep_dir)}
+            if info.get("overrides"):
+                tags["losstune.overrides"] = overrides_text(info["overrides"])
+            parent = tracker.start(sweep.name, _parent_params(sweep), tags, resume_run_id=info.get("parent_run_id"))
             info.update({"parent_run_id": parent, "experiment_id": tracker.experiment_id})
-            out(f"[losstune] MLflow: experiment {sweep.file.mlflow.experiment!r}, parent run {parent} at {uri}")
+            out(f"[losstune] MLflow: experiment {sweep.experiment!r}, parent run {parent} at {uri}")
         _write_info(sweep_dir, info)
         if tracker is not None and not resume:
             tracker.log_artifact(sweep_dir / SWEEP_CONFIG)
@@ -444,8 +539,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
         best_effort(lambda: _finish_parent(tracker, results, outcome, status), out)
     if status == "interrupted":
         out(f"[losstune] the sweep did not finish ({n_ended}/{sweep.search.num_samples} trials ended); "
-            f"continue it with: losstune sweep {sweep.source or SWEEP_CONFIG} --name {sweep.name} "
-            f"--results-dir {sweep.results_dir} --resume")
+            f"continue it with: losstune sweep --resume {sweep_dir}")
     return outcome
 
 

@@ -28,10 +28,7 @@ import os
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
-from base64 import b64encode
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -121,50 +118,43 @@ def sqlite_path(uri: str) -> Path | None:
     return None
 
 
-def _auth_headers() -> dict[str, str]:
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return {"Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()}
-    return {}
+def check_tracking(uri: str, timeout: float = 10.0, create: bool = True) -> None:
+    """Fail fast (:class:`TrackingUnavailable`) when the tracking store cannot work.
 
-
-def check_tracking(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (:class:`TrackingUnavailable`) when the tracking store cannot work; create sqlite's folder."""
+    A sqlite store: its folder is made (``create``; else the nearest existing folder must be writable)
+    and an existing file must be readable and writable. Any other store: one API call through MLflow's
+    own client, no retries, ``timeout`` seconds, so MLflow's TLS and auth settings apply exactly as they
+    will for the sweep (``MLFLOW_TRACKING_SERVER_CERT_PATH``, ``MLFLOW_TRACKING_INSECURE_TLS``,
+    ``MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN``, request-header and auth plugins).
+    """
     path = sqlite_path(uri)
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise TrackingUnavailable(f"MLflow store {uri}: cannot create {path.parent}: {err}") from None
+        if create:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise TrackingUnavailable(f"MLflow store {uri}: cannot create {path.parent}: {err}") from None
+        else:
+            existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise TrackingUnavailable(f"MLflow store {uri}: cannot create {path.parent} ({existing} "
+                                          "is not a writable folder)")
         if path.exists() and not os.access(path, os.R_OK | os.W_OK):
             raise TrackingUnavailable(f"MLflow store {uri}: {path} is not readable and writable")
         return
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        request = urllib.request.Request(url, headers=_auth_headers())
-        try:
-            with urllib.request.urlopen(request, timeout=timeout):
-                return
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403):
-                raise TrackingUnavailable(f"MLflow tracking server at {uri} refused the credentials "
-                                          f"(HTTP {err.code}); check MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN") from None
-            if err.code != 404:  # some proxies have no /health: ask the API instead
-                raise TrackingUnavailable(f"MLflow tracking server at {uri} is unhealthy (HTTP {err.code})") from None
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise TrackingUnavailable(f"MLflow tracking server at {uri} is unreachable: {reason}") from None
-    # other stores (or an http server without /health): one quick API call, no retries
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, int(timeout)))
     try:
         mlflow_client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure means we cannot track
-        raise TrackingUnavailable(f"MLflow tracking server at {uri} is unreachable: {err}") from None
+        text = " ".join(str(err).split())
+        refused = getattr(err, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+        if refused or any(f"error code {code}" in text for code in (401, 403)):
+            raise TrackingUnavailable(f"MLflow tracking server at {uri} refused the credentials; check "
+                                      "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN") from None
+        reason = text if len(text) <= 300 else text[:297] + "..."
+        raise TrackingUnavailable(f"MLflow tracking server at {uri} is unreachable: {reason}") from None
     finally:
         for k, v in saved.items():
             if v is None:

@@ -427,8 +427,8 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path, when):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     out = log.read_text()
-    assert proc.returncode == 1, out[-4000:]  # the sweep did not finish
-    assert "continue it with: losstune sweep" in out and "--resume" in out, out[-4000:]
+    assert proc.returncode == 130, out[-4000:]  # Ctrl-C: 130 at every stage; the sweep did not finish
+    assert f"continue it with: losstune sweep --resume {sweep_dir}" in out, out[-4000:]
     assert "Tuner.restore" not in out
     assert re.search(r"\d/3 done \([^)]*, [12] interrupted\)", out), out[-4000:]  # the status line: not done
     if when == "before_any_result":
@@ -439,8 +439,9 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path, when):
         assert crash not in out, out[-6000:]
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] != "finished"
 
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                             timeout=240)
+    # the printed command: the results folder alone
+    resumed = subprocess.run(_losstune() + ["sweep", "--resume", str(sweep_dir)], capture_output=True, text=True,
+                             env=_env(), cwd=tmp_path, timeout=240)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
     from losstune.search.trials import load_results
     results = load_results(sweep_dir)

@@ -296,10 +296,17 @@ def test_cli_refuses_to_clobber_and_to_resume_nothing(tmp_path, capsys, clean_en
     existing = tmp_path / "res" / "cfgtest"
     existing.mkdir(parents=True)
     (existing / "keep.txt").write_text("precious")
-    rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri])
+    # a --name the user chose is never reused: both ways on are named
+    rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri,
+               "--name", "cfgtest"])
     err = capsys.readouterr().err
-    assert rc == 2 and "already exists" in err and "--resume" in err and "--name" in err
+    assert rc == 2 and "already exists" in err and f"--resume {existing}" in err and "--name cfgtest-2" in err, err
     assert (existing / "keep.txt").read_text() == "precious"
+    # the config's own name: the sweep would run as cfgtest-2
+    rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri, "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "this sweep is 'cfgtest-2'" in out and f"results: {existing}-2" in out, out
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["cfgtest"]
     rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri,
                "--name", "never_ran", "--resume"])
     assert rc == 2 and "nothing to resume" in capsys.readouterr().err
