@@ -57,6 +57,7 @@ TUNE_KEYS = {
 RUN_STATUS = {"finished": "FINISHED", "stopped_early": "KILLED", "diverged": "FAILED", "failed": "FAILED",
               "interrupted": "KILLED", "lost": "KILLED"}
 TERMINAL = {"finished", "stopped_early", "diverged", "failed"}  # the trial ended and counts towards num_samples
+STAGE_TAG = "stage"  # every child run: "search" (a sweep trial) or "verify" (a verification run)
 LOST = "lost"  # started after Tune's last snapshot, then the driver died: never run again, not counted
 MAX_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags)
 MAX_PARAMS = 100
@@ -686,7 +687,7 @@ class TrackingCallback(tune.Callback):
             if state.run_id is None and (state.started or state.metrics or state.end):
                 run_id = self._find_run(client, state.trial_id)
                 if run_id is None:
-                    tags = {"losstune.trial_id": state.trial_id, **self.tags}
+                    tags = {"losstune.trial_id": state.trial_id, STAGE_TAG: "search", **self.tags}
                     if self.parent_run_id:
                         tags["mlflow.parentRunId"] = self.parent_run_id
                     run_id = client.create_run(self.experiment_id, run_name=state.name, tags=tags).info.run_id
