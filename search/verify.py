@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 from losstune.search.trials import ResultsError, SweepResults, load_results
 from losstune.search.verify_plan import (PlannedRun, VerifyInputError, fresh_seeds, plan, shaping_weights,
                                          top_trials)
-from losstune.search.verify_runs import finished_runs, run_metrics, train_round, tune_root
+from losstune.search.verify_runs import finished_runs, resumable_round, run_metrics, train_round, tune_root
 from losstune.search.verify_stats import summarize
 from losstune.search.verify_verdict import config_verdict, verdict
 
@@ -109,13 +109,18 @@ def run_verification(results: SweepResults, top_k: int, n_seeds: int, epochs: in
     out(f"[losstune] verify {results.name}: top {top_k} configs x {n_seeds} fresh seeds {seeds} x (tuned, "
         f"matched baseline), {epochs} epochs" + (f"; {reused} runs already finished" if reused else ""))
     round_info: dict[str, Any] = {}
-    if todo:
-        tracking = {"uri": info.get("tracking_uri"), "experiment_id": info.get("experiment_id"),
-                    "parent_run_id": info.get("parent_run_id"),
-                    "tags": {"losstune.task": str(sweep.base_train["task"]), "losstune.sweep": results.name}}
-        round_info = train_round(todo, root=root, local_root=verify_dir, epochs=epochs,
-                                 resources=sweep.resources.model_dump(), max_concurrent=sweep.search.max_concurrent,
-                                 tracking=tracking, out=out)
+    options = {"root": root, "local_root": verify_dir, "epochs": epochs, "resources": sweep.resources.model_dump(),
+               "max_concurrent": sweep.search.max_concurrent, "out": out,
+               "tracking": {"uri": info.get("tracking_uri"), "experiment_id": info.get("experiment_id"),
+                            "parent_run_id": info.get("parent_run_id"),
+                            "tags": {"losstune.task": str(sweep.base_train["task"]), "losstune.sweep": results.name}}}
+    unfinished = resumable_round(root, verify_dir, set(done)) if todo else None
+    if unfinished:
+        round_info = train_round([], restore=unfinished, **options)
+        done = finished_runs(root, verify_dir, epochs)
+        todo = [r for r in todo if r.key not in done]
+    if todo and not round_info.get("interrupted"):
+        round_info = train_round(todo, **options)
         done = finished_runs(root, verify_dir, epochs)
     missing = [r for r in planned if r.key not in done]
     if missing:

@@ -2,9 +2,9 @@
 
 The runs train through :func:`search.trainable.make_trainable` (the sweep's trainable: same resources,
 cluster, checkpointing and fault tolerance). Each ``losstune verify`` call that has runs to train starts a
-new Tune experiment, ``<tune_dir>/verify/round_<n>``, holding only the runs no earlier round finished; so
-a Ctrl-C or a killed driver loses only the runs that were still training (they train again, from their
-first epoch, on the next call). Each run is an MLflow child run of the sweep's parent run tagged
+new Tune experiment, ``<tune_dir>/verify/round_<n>``, holding only the runs no earlier round finished. A
+round stopped by Ctrl-C or a killed driver is continued by the next call like a sweep's ``--resume``:
+Tune restores it, its runs go on from their last checkpoints in the same MLflow child runs. Each run is an MLflow child run of the sweep's parent run tagged
 ``stage: verify``; its trial folder is ``<key>_<trial id>`` (the key is the run's config hash and seed).
 """
 
@@ -21,8 +21,10 @@ from unittest import mock
 
 from losstune.search.tracking import STAGE_TAG, TERMINAL, numeric_metrics, read_runs_file
 from losstune.search.verify_plan import PlannedRun
+from losstune.trainables.terms import shaping_weight_names
 
 ROUND_RE = re.compile(r"^round_(\d+)$")
+CONFIGS_FILE = "configs.json"  # key -> training config of every run of a round (what a restore trains)
 VERIFY_STAGE = "verify"
 
 
@@ -120,52 +122,83 @@ def make_verify_trainable(configs: Mapping[str, Mapping[str, Any]], cpus: float 
     return losstune_verify_run
 
 
+def resumable_round(root: str, local_root: Path, finished: set[str]) -> str | None:
+    """The newest round when it stopped before all its runs finished (Ctrl-C, a killed driver) and Tune can
+    restore it: continuing it resumes its runs from their last checkpoints, in the same MLflow child runs."""
+    from ray import tune
+    rounds = round_names(root)
+    if not rounds:
+        return None
+    configs = read_round_configs(local_root / rounds[-1])
+    if not configs or set(configs) <= finished or not tune.Tuner.can_restore(f"{root}/{rounds[-1]}"):
+        return None
+    return rounds[-1]
+
+
+def read_round_configs(local_dir: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads((local_dir / CONFIGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epochs: int, resources: Mapping[str, float],
-                max_concurrent: int, tracking: Mapping[str, Any], out: Callable[[str], None]) -> dict[str, Any]:
-    """Train ``runs`` (unique keys) as one new Tune experiment under ``root``; returns ``{"round", "errors",
-    "interrupted"}``. ``tracking``: ``uri``, ``experiment_id``, ``parent_run_id``, ``tags`` (None uri: off)."""
+                max_concurrent: int, tracking: Mapping[str, Any], out: Callable[[str], None],
+                restore: str | None = None) -> dict[str, Any]:
+    """Train ``runs`` (unique keys) as one new Tune experiment under ``root``, or continue the round ``restore``
+    (its own runs, from ``configs.json``); returns ``{"round", "errors", "interrupted"}``. ``tracking``: ``uri``,
+    ``experiment_id``, ``parent_run_id``, ``tags`` (None uri: MLflow off)."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from losstune.search.tracking import ProgressCallback, TrackingCallback
 
-    name = next_round(root)
+    name = restore or next_round(root)
     local_dir = local_root / name
-    local_dir.mkdir(parents=True, exist_ok=True)
-    configs = {r.key: r.config for r in runs}
-    shown = {r.key: {"verify.trial_id": r.trial_id, "verify.arm": r.arm, "seed": r.seed,
-                     **{k: v for k, v in r.config.items() if k.endswith("_weight") or k in ("lr", "warmup_steps")}}
-             for r in runs}
-    decode = functools.partial(describe_run, shown)
-    callback = TrackingCallback(local_dir, tracking.get("uri"), tracking.get("experiment_id"),
-                                tracking.get("parent_run_id"), epochs, decode=decode,
-                                tags={**tracking.get("tags", {}), STAGE_TAG: VERIFY_STAGE})
+    if restore:
+        configs = read_round_configs(local_dir)
+    else:
+        local_dir.mkdir(parents=True, exist_ok=True)
+        configs = {r.key: dict(r.config) for r in runs}
+        (local_dir / CONFIGS_FILE).write_text(json.dumps(configs, indent=1, sort_keys=True, default=str))
     trainable = tune.with_resources(make_verify_trainable(configs, resources.get("cpu"), os.getcwd()),
                                     {"cpu": resources.get("cpu", 1.0), "gpu": resources.get("gpu", 0.0)})
-    tuner = tune.Tuner(
-        trainable, param_space={"run": tune.grid_search(list(configs))},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
-                                    trial_dirname_creator=run_dirname, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=name, storage_path=root, failure_config=tune.FailureConfig(max_failures=2),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[callback, ProgressCallback(epochs, decode, len(configs)), CSVLoggerCallback(),
-                       JsonLoggerCallback()], verbose=0))
-    out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
-    interrupted = False
+    if restore:
+        out(f"[losstune] verify: continuing the interrupted {root}/{name} ({len(configs)} runs)")
+        tuner = tune.Tuner.restore(f"{root}/{name}", trainable=trainable, resume_unfinished=True,
+                                   restart_errored=True)
+        callback = TrackingCallback.for_sweep(local_dir)
+    else:
+        shown = {r.key: {"verify.trial_id": r.trial_id, "verify.arm": r.arm, "seed": r.seed, "lr": r.config.get("lr"),
+                         "warmup_steps": r.config.get("warmup_steps"),
+                         **{k: r.config.get(k) for k in shaping_weight_names(r.config)}} for r in runs}
+        decode = functools.partial(describe_run, shown)
+        callback = TrackingCallback(local_dir, tracking.get("uri"), tracking.get("experiment_id"),
+                                    tracking.get("parent_run_id"), epochs, decode=decode,
+                                    tags={**tracking.get("tags", {}), STAGE_TAG: VERIFY_STAGE})
+        tuner = tune.Tuner(
+            trainable, param_space={"run": tune.grid_search(list(configs))},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
+                                        trial_dirname_creator=run_dirname, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=name, storage_path=root, failure_config=tune.FailureConfig(max_failures=2),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[callback, ProgressCallback(epochs, decode, len(configs)), CSVLoggerCallback(),
+                           JsonLoggerCallback()], verbose=0))
+        out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
+    interrupted, errors = False, 0
     # losstune passes the two loggers it reads; Tune's TensorBoard logger would only cost driver CPU
     with mock.patch.dict(os.environ, {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
         try:
-            grid = tuner.fit()
-            errors = len(grid.errors)
+            errors = len(tuner.fit().errors)
         except KeyboardInterrupt:
-            interrupted, errors = True, 0
-    statuses = callback.statuses()
-    unfinished = [t for t, s in statuses.items() if s not in TERMINAL]
-    if unfinished:
-        interrupted = True
-        callback.mark_interrupted(unfinished)
-    callback.close(timeout=30)
+            interrupted = True
+    if callback is not None:
+        unfinished = [t for t, s in callback.statuses().items() if s not in TERMINAL]
+        if unfinished:
+            interrupted = True
+            callback.mark_interrupted(unfinished)
+        callback.close(timeout=30)
     return {"round": name, "errors": errors, "interrupted": interrupted}
 
 

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,14 +42,28 @@ def _verify_runs(runs, parent_id):
             and r.data.tags.get("stage") == "verify"]
 
 
-def test_sweep_then_verify_extends(tmp_path, ray_local, clean_env, capsys, mlflow_runs):
+@pytest.fixture(scope="module")
+def verified(tmp_path_factory, ray_local):
+    """A finished sweep whose verify: section ran (top 2 configs x 2 seeds x 2 arms)."""
+    import contextlib
+    import io
+    tmp_path = tmp_path_factory.mktemp("verified")
     path = tmp_path / "verified.yaml"
     path.write_text(yaml.safe_dump(SWEEP, sort_keys=False))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    sweep_dir = tmp_path / "res" / "verified"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["sweep", str(path), "--results-dir", str(tmp_path / "res"), "--tracking-uri", uri])
+    assert rc == 0, buf.getvalue()
+    return tmp_path / "res" / "verified", uri, buf.getvalue()
+
+
+def _files(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in folder.rglob("*")} if folder.exists() else {}
+
+
+def test_sweep_verifies_its_winners(verified, mlflow_runs):
+    sweep_dir, uri, out = verified
     verify_dir = sweep_dir / "verify"
     for name in ("summary.json", "verdict.txt", "runs.csv"):
         assert (verify_dir / name).is_file(), name
@@ -81,13 +101,76 @@ def test_sweep_then_verify_extends(tmp_path, ray_local, clean_env, capsys, mlflo
     tuned = [float(r["composite"]) for r in rows if r["trial_id"] == winner["trial_id"] and r["arm"] == "tuned"]
     assert sorted(tuned) == pytest.approx(sorted(winner["tuned"]["composite"]["values"]))
 
-    # one more seed: only the 2 x 2 new runs train, the 8 finished ones are reused
-    rc = main(["verify", str(sweep_dir), "--seeds", "3"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "1"], "--seeds: 1 seed gives no confidence interval; use at least 2"),
+    (["--top-k", "4"], "--top-k: 4 is more than the 3 trial(s) of the sweep with a result"),
+    (["--top-k", "0"], "--top-k: must be >= 1"),
+])
+def test_bad_requests_exit_2_and_write_nothing(verified, capsys, args, message):
+    sweep_dir = verified[0]
+    before = _files(sweep_dir)
+    assert main(["verify", str(sweep_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("losstune: error: " + message) and len(err.strip().splitlines()) == 1, err
+    assert _files(sweep_dir) == before
+
+
+def test_verify_on_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a losstune sweep folder (no sweep.json)" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def _losstune() -> list[str]:
+    exe = Path(sys.executable).with_name("losstune")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "losstune.search.cli"]
+
+
+def test_ctrl_c_keeps_finished_runs_and_a_rerun_continues(verified, mlflow_runs, capsys):
+    """One more seed (2 configs x 2 arms = 4 new runs): Ctrl-C after the first new run finished; the rerun
+    continues the interrupted round (same MLflow child runs) and only then concludes."""
+    sweep_dir, uri, _ = verified
+    summary = json.loads((sweep_dir / "verify" / "summary.json").read_text())
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent)])
+    log = sweep_dir.parent / "ctrl_c.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_losstune() + ["verify", str(sweep_dir), "--seeds", "3"], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(p.stat().st_size for p in (sweep_dir / "verify").glob("round_2/*/result.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-4000:]
+    assert "Continue it with: losstune verify" in text and "Traceback" not in text, text[-4000:]
+    # the earlier verification stays what it was until the extension is complete
+    assert json.loads((sweep_dir / "verify" / "summary.json").read_text())["seeds"] == summary["seeds"]
+
+    assert main(["verify", str(sweep_dir), "--seeds", "3"]) == 0
     out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "8 runs already finished" in out
-    summary3 = json.loads((verify_dir / "summary.json").read_text())
+    reused = int(re.search(r"; (\d+) runs already finished", out).group(1))
+    assert 8 < reused < 12 and "continuing the interrupted" in out, out  # the 8 old ones + what ended before Ctrl-C
+    summary3 = json.loads((sweep_dir / "verify" / "summary.json").read_text())
     assert summary3["seeds"][:2] == summary["seeds"] and len(summary3["seeds"]) == 3
-    assert len(_verify_runs(mlflow_runs(uri, "losstune-verify"), parent.info.run_id)) == 2 * 3 * 2
-    again = [c for c in summary3["configs"] if c["trial_id"] == winner["trial_id"]][0]
-    assert again["tuned"]["composite"]["values"][:2] == winner["tuned"]["composite"]["values"]
+    runs = mlflow_runs(uri, "losstune-verify")
+    parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
+    verify = _verify_runs(runs, parent_id)
+    assert sum(r.info.status == "FINISHED" for r in verify) == 2 * 3 * 2
+    assert len(verify) == 2 * 3 * 2, [(r.data.params, r.info.status) for r in verify]  # no duplicate child run
+    winner = summary["configs"][0]["trial_id"]
+    again = next(c for c in summary3["configs"] if c["trial_id"] == winner)
+    before = next(c for c in summary["configs"] if c["trial_id"] == winner)
+    assert again["tuned"]["composite"]["values"][:2] == before["tuned"]["composite"]["values"]
