@@ -96,6 +96,14 @@ def test_sweep_verifies_its_winners(verified, mlflow_runs):
     assert block["means"]["composite"]["mean"] == pytest.approx(winner["tuned"]["composite"]["mean"], rel=1e-5)
     assert block["paired_differences"]["composite"]["low"] is not None and block["verdict"]
 
+    # the report: a Verification section (table, interval plot), the panel shows the winner vs its baseline
+    assert main(["report", str(sweep_dir), "--no-mlflow"]) == 0
+    report = json.loads((sweep_dir / "report" / "report.json").read_text())
+    assert report["verified"] and {"verification", "panel"} <= set(report["images"])
+    page = (sweep_dir / "report" / "report.html").read_text()
+    assert "Verification: fresh seeds against the matched baseline" in page
+    assert f"The verified winner <b>{winner['trial_id']}</b> against its matched baseline" in page
+
     # the runs' numbers in runs.csv are the ones the statistics used
     rows = list(csv.DictReader((verify_dir / "runs.csv").open()))
     tuned = [float(r["composite"]) for r in rows if r["trial_id"] == winner["trial_id"] and r["arm"] == "tuned"]
