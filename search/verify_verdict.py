@@ -60,7 +60,7 @@ def config_verdict(config: Mapping[str, Any], objective: str, weights: Mapping[s
         return f"trial {trial}: no interval for {objective} (fewer than 2 seeds with a result on both sides)"
     others = [f"{m} {interval_text(d)}" for m, d in config["difference"].items()
               if m != objective and not is_loss_value(m) and d.get("excludes_zero")]
-    also = f"; also {', '.join(others)}" if others else ""
+    also = f"; other metrics whose paired interval excludes 0: {', '.join(others)}" if others else ""
     if diff["excludes_zero"] and _better(objective, diff):
         return (f"loss weights of trial {trial}{_weights_text(weights)} improve {objective} by "
                 f"{interval_text(diff)} over pixel-only at the same lr ({seeds}){also}")

@@ -64,7 +64,7 @@ def test_summary_matches_hand_computed_numbers():
     assert "best of the 2 configs on 2 of 3 seeds" in words.splitlines()[0]
     assert words.splitlines()[1].startswith("loss weights of trial B (gradient_weight 0.1) improve composite by "
                                             "+0.1533 [+0.139, +0.1677]")
-    assert "also mse -0.1533" in words.splitlines()[1]
+    assert "other metrics whose paired interval excludes 0: mse -0.1533" in words.splitlines()[1]
     assert NO_DIFFERENCE in words.splitlines()[2] and "composite +0.06667 [-0.005044, +0.1384]" in words
     assert significant(s, "B") and not significant(s, "A")
 
