@@ -92,6 +92,12 @@ def verdict(summary: Mapping[str, Any], weights: Mapping[str, Mapping[str, float
                 if sweep_scores and isinstance(sweep_scores.get(win["trial_id"]), float) else "")
              + (f", best of the {len(configs)} configs on {first} of {len(ranks)} seeds" if len(configs) > 1 else "")]
     lines += [config_verdict(c, objective, weights.get(c["trial_id"], {})) for c in configs]
+    if len(configs) > 1:
+        confidence = summary.get("confidence", 0.95)
+        chance = 1 - confidence ** len(configs)  # independent intervals, none truly different
+        lines.append(f"(each interval is {100 * confidence:.0f} % on its own: with "
+                     f"{len(configs)} configs, one of them excluding 0 by chance alone has a probability of up "
+                     f"to {100 * chance:.0f} %)")
     return "\n".join(lines)
 
 

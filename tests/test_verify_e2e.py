@@ -96,6 +96,12 @@ def test_sweep_verifies_its_winners(verified, mlflow_runs):
     assert block["means"]["composite"]["mean"] == pytest.approx(winner["tuned"]["composite"]["mean"], rel=1e-5)
     assert block["paired_differences"]["composite"]["low"] is not None and block["verdict"]
 
+    # an export beyond the verified configs: the third is the sweep's own choice, marked unverified
+    assert main(["export", str(sweep_dir), "--out", str(sweep_dir.parent / "x.yaml"), "--top-k", "3"]) == 0
+    third = yaml.safe_load((sweep_dir.parent / "x_3.yaml").read_text())["provenance"]
+    assert third["verification"] == "none"
+    assert third["trial_id"] not in {c["trial_id"] for c in summary["configs"]}
+
     # the report: a Verification section (table, interval plot), the panel shows the winner vs its baseline
     assert main(["report", str(sweep_dir), "--no-mlflow"]) == 0
     report = json.loads((sweep_dir / "report" / "report.json").read_text())

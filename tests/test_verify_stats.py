@@ -66,6 +66,8 @@ def test_summary_matches_hand_computed_numbers():
                                             "+0.1533 [+0.139, +0.1677]")
     assert "other metrics whose paired interval excludes 0: mse -0.1533" in words.splitlines()[1]
     assert NO_DIFFERENCE in words.splitlines()[2] and "composite +0.06667 [-0.005044, +0.1384]" in words
+    assert words.splitlines()[3] == ("(each interval is 95 % on its own: with 2 configs, one of them excluding 0 "
+                                     "by chance alone has a probability of up to 10 %)")
     assert significant(s, "B") and not significant(s, "A")
 
 
