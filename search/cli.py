@@ -1,4 +1,4 @@
-"""``losstune`` command line: sweep, export, train, trials, report.
+"""``losstune`` command line: sweep, export, train, trials, report, verify.
 
 Exit codes: 0 ok, 2 bad input (config, paths, unreachable tracking server; nothing was started),
 1 runtime failure (the sweep/training ran and failed, or nothing could be exported), 130 interrupted
@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RESULTS_DIR/report)")
     p.add_argument("--top-k", type=int, default=10, help="trials in the leaderboard (default 10)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow run")
+
+    p = sub.add_parser("verify", help="re-train the top configs and their matched baselines on fresh seeds",
+                       description="Verify a sweep's winners: the top-k configs and their matched baselines "
+                                   "(every shaping loss weight 0, same lr / warm-up / model / epochs) train on N "
+                                   "fresh seeds; means, 95%% intervals and paired differences go to "
+                                   "RESULTS_DIR/verify/ with a verdict, best.yaml becomes the best verified "
+                                   "config. Re-runnable: finished runs are reused (more seeds, more configs, "
+                                   "after a Ctrl-C).")
+    p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
+    p.add_argument("--top-k", type=int, help="configs to verify (default: the sweep's verify.top_k, else 2)")
+    p.add_argument("--seeds", type=int, help="fresh seeds per config, at least 2 (default: verify.seeds, else 3)")
+    p.add_argument("--address", help="Ray cluster address (default: the sweep's, else a local Ray)")
 
     p = sub.add_parser("trials", help="show a sweep's trials as a table")
     p.add_argument("results_dir", metavar="RESULTS_DIR", help="the sweep's folder (results/<name>)")
@@ -257,8 +269,20 @@ def cmd_ls(args) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args) -> int:
+    from losstune.search.trials import ResultsError
+    from losstune.search.verify import verify_sweep
+    from losstune.search.verify_plan import VerifyInputError
+    try:
+        outcome = verify_sweep(args.results_dir, args.top_k, args.seeds, address=args.address)
+    except (ResultsError, VerifyInputError) as err:
+        _err(str(err))
+        return EXIT_INPUT
+    return {"verified": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(outcome.status, EXIT_RUNTIME)
+
+
 COMMANDS = {"sweep": cmd_sweep, "export": cmd_export, "train": cmd_train, "trials": cmd_trials,
-            "report": cmd_report, "ls": cmd_ls}
+            "report": cmd_report, "verify": cmd_verify, "ls": cmd_ls}
 
 
 def _setup_logging() -> None:

@@ -140,6 +140,15 @@ class RaySection(_Section):
     storage_path: str | None = Field(None, description="Tune's storage (shared FS or s3://); default results_dir")
 
 
+class VerifySection(_Section):
+    """After the search: re-train the ``top_k`` best configs and their matched baselines (every shaping weight
+    0) on ``seeds`` fresh seeds for ``epochs`` (default: the sweep's) and say whether the weights matter."""
+    enabled: bool = True
+    top_k: int = Field(2, ge=1)
+    seeds: int = Field(3, ge=2, description="at least 2: one seed gives no confidence interval")
+    epochs: int | None = Field(None, ge=1)
+
+
 class SweepFile(_Section):
     name: str
     train: dict[str, Any] = Field(default_factory=dict)
@@ -152,6 +161,7 @@ class SweepFile(_Section):
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     ray: RaySection = Field(default_factory=RaySection)
+    verify: VerifySection | None = None
     results_dir: str = "results"
     allow_outside: bool = Field(False, description="let results_dir leave the working directory")
 
@@ -242,6 +252,12 @@ class Sweep:
         if sp_ is None:
             return str(self.results_dir)
         return sp_ if "://" in sp_ else str(Path(sp_).expanduser().resolve())
+
+    @property
+    def verify(self) -> VerifySection | None:
+        """The verification to run after the search (None: off)."""
+        v = self.file.verify
+        return v if v is not None and v.enabled else None
 
     @property
     def is_pareto(self) -> bool:

@@ -1,8 +1,12 @@
 """Export the best trial(s) of a sweep as complete training YAMLs that ``losstune train`` accepts.
 
 Each file holds every ``TrainConfig`` field (task, data, model, training settings, the chosen loss
-weights) and a ``provenance:`` block (sweep, trial id, score, metrics, MLflow run ids, time).
+weights) and a ``provenance:`` block (sweep, trial id, score, metrics, MLflow run ids, time, and
+``verification``: the trial's fresh-seed numbers against its matched baseline, or ``none``).
 Reads the trials from disk (:mod:`search.trials`), so it works after the sweep's driver died.
+
+After a verification (``<sweep>/verify/summary.json``) the verified configs come first, best verified mean
+objective first; the sweep's own ranking orders the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import yaml
 
 from losstune.search import space as sp
 from losstune.search.trials import ResultsError, SweepResults, load_results
+from losstune.search.verify import read_summary
 from losstune.trainables.config import ConfigError, parse_train_config
 
 REPORTED = ("composite", "ssim", "mse", "psnr", "gradient_match", "sharpness_ratio", "histogram_distance",
@@ -37,7 +42,38 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def trial_document(results: SweepResults, trial_id: str, rank: int) -> dict[str, Any]:
+def _rounded(value: Any, digits: int = 6) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else None
+    return value
+
+
+def verification_block(summary: dict[str, Any] | None, trial_id: str) -> dict[str, Any] | str:
+    """The trial's verification for its provenance: seeds, means and intervals of the config and of its
+    matched baseline, the paired differences, the verdict; ``"none"`` where it was not verified."""
+    config = next((c for c in (summary or {}).get("configs", []) if c["trial_id"] == trial_id), None)
+    if config is None:
+        return "none"
+
+    def numbers(per_metric: dict[str, Any]) -> dict[str, Any]:
+        return {m: {k: _rounded(d.get(k)) for k in ("mean", "low", "high")} for m, d in per_metric.items()}
+
+    return {
+        "seeds": list(config["seeds"]),
+        "epochs": summary.get("epochs"),
+        "objective": summary.get("objective"),
+        "confidence": summary.get("confidence"),
+        "means": numbers(config["tuned"]),
+        "baseline_means": numbers(config["baseline"]),
+        "paired_differences": numbers(config["difference"]),
+        "ranks": {str(k): v for k, v in (config.get("ranks") or {}).items()},
+        "verdict": (summary.get("verdicts") or {}).get(trial_id),
+        "verified_at": summary.get("verified_at"),
+    }
+
+
+def trial_document(results: SweepResults, trial_id: str, rank: int,
+                   summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """The exported YAML (as a mapping) of one trial."""
     row = results.table.set_index("trial_id").loc[trial_id]
     try:
@@ -68,6 +104,7 @@ def trial_document(results: SweepResults, trial_id: str, rank: int) -> dict[str,
         },
         "sweep_config": info.get("config_path"),
         "overrides": info.get("overrides") or {},  # KEY=VALUE given on the command line
+        "verification": verification_block(summary, trial_id),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return {**config, "provenance": provenance}
@@ -75,8 +112,11 @@ def trial_document(results: SweepResults, trial_id: str, rank: int) -> dict[str,
 
 def _header(doc: dict[str, Any], path: Path) -> str:
     p = doc["provenance"]
+    verified = p["verification"]
+    checked = (f"# verified: {verified['verdict']}\n" if isinstance(verified, dict) and verified.get("verdict")
+               else "# not verified: losstune verify " + p["sweep_dir"] + "\n")
     return (f"# losstune: trial {p['trial_id']} of sweep {p['sweep']!r} (rank {p['rank']}, "
-            f"composite {p['score']:.4f})\n"
+            f"composite {p['score']:.4f})\n" + checked +
             f"# train it:  losstune train {path}  [--epochs N]\n")
 
 
@@ -94,10 +134,13 @@ def export(sweep_dir: str | Path, out: str | Path | None = None, top_k: int = 1,
                           "no result yet)")
     first = Path(out).expanduser() if out else results.sweep_dir / "best.yaml"
     first.parent.mkdir(parents=True, exist_ok=True)
+    summary = read_summary(results.sweep_dir)
+    verified = [c["trial_id"] for c in (summary or {}).get("configs", []) if c["trial_id"] in set(ranked["trial_id"])]
+    order = verified + [t for t in ranked["trial_id"] if t not in verified]
     paths = []
-    for rank, trial_id in enumerate(ranked["trial_id"].head(top_k), start=1):
+    for rank, trial_id in enumerate(order[:top_k], start=1):
         path = first if rank == 1 else first.with_name(f"{first.stem}_{rank}{first.suffix or '.yaml'}")
-        doc = trial_document(results, trial_id, rank)
+        doc = trial_document(results, trial_id, rank, summary)
         text = _header(doc, path) + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)

@@ -10,7 +10,11 @@ Written to ``RESULTS_DIR/report/`` (or ``--out``):
     pareto.png        pareto sweeps: pairwise panels of the objectives, non-dominated trials highlighted
     curves.png        learning curves (composite, loss, val_loss per epoch) of the top trials
     panel.png         validation samples: input, baseline, best trial, an MSE-only trial, target and
-                      the gradient-difference maps |∇pred| − |∇target| (the "visualise sharpness" view)
+                      the gradient-difference maps |∇pred| − |∇target| (the "visualise sharpness" view);
+                      after a verification: the verified winner against its matched baseline (same lr,
+                      same seed, every shaping weight 0)
+    verification.png  after ``losstune verify``: each verified config's mean and 95 % interval per metric,
+                      its matched baseline beside it (also a table and the verdict in the page)
 
 The predictions come from the trials' last checkpoints (``predictions.npz``, written by every trial at
 every epoch, see :mod:`search.trainable`); for sweeps run before that, they are recomputed from the
@@ -40,6 +44,9 @@ from losstune.search import plots
 from losstune.search.trials import SweepResults, load_results
 from losstune.trainables.config import ConfigError
 from losstune.trainables.terms import BUILTIN_TERMS, shaping_weight_names
+from losstune.search.verify import read_summary
+from losstune.search.verify_stats import BASELINE, TUNED
+from losstune.search.verify_verdict import interval_text, is_loss_value
 
 logger = logging.getLogger("losstune.report")
 
@@ -48,7 +55,8 @@ REPORT_HTML = "report.html"
 OPTUNA_DB = "optuna.db"
 METRICS = ("composite", "ssim", "mse", "psnr", "gradient_match")
 MIN_IMPORTANCE_TRIALS = 2
-FIGURES = ("leaderboard", "importance", "history", "slice", "pareto", "curves", "panel")
+FIGURES = ("leaderboard", "importance", "history", "slice", "pareto", "curves", "panel", "verification")
+VERIFICATION_METRICS = 4  # the objective and the next metrics in the interval plot (the table has them all)
 
 
 class ReportError(RuntimeError):
@@ -109,6 +117,21 @@ def _read_bytes(fs, path: str) -> bytes | None:
             return f.read()
     except (FileNotFoundError, OSError):
         return None
+
+
+def run_predictions(results: SweepResults, run_path: str | None) -> tuple[dict[str, np.ndarray] | None, str]:
+    """(arrays, where) of a verification run's last checkpoint (``predictions.npz``), or (None, why not)."""
+    if not run_path:
+        return None, "no run folder"
+    fs = _fs_for(results)
+    for ckpt in _checkpoints(fs, run_path):
+        data = _read_bytes(fs, f"{ckpt}/{plots.PREDICTIONS_NPZ}")
+        if data is not None:
+            try:
+                return plots.load_predictions(io.BytesIO(data)), f"{ckpt}/{plots.PREDICTIONS_NPZ}"
+            except (OSError, ValueError) as err:
+                logger.warning("%s/%s unreadable: %s", ckpt, plots.PREDICTIONS_NPZ, err)
+    return None, "no predictions.npz in its checkpoints"
 
 
 def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = True
@@ -217,6 +240,14 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _mean_ci(d: Mapping[str, Any] | None) -> str:
+    if not d or not isinstance(d.get("mean"), (int, float)):
+        return "-"
+    if d.get("low") is None or d.get("high") is None:
+        return f"{d['mean']:.4g}"
+    return f"{d['mean']:.4g} [{d['low']:.4g}, {d['high']:.4g}]"
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -268,6 +299,7 @@ class _Builder:
         self.best_id = self.ranked["trial_id"].iloc[0] if not self.ranked.empty else None
         mse_only = [t for t in self.ranked["trial_id"] if is_mse_only(self.configs.get(t, {}))]
         self.mse_id = mse_only[0] if mse_only else None
+        self.summary = read_summary(results.sweep_dir)
 
     def _save(self, key: str, fig) -> Path:
         path = plots.save_figure(fig, self.out_dir / f"{key}.png")
@@ -404,7 +436,73 @@ class _Builder:
         sec.text = f"Per-epoch composite score and losses of the top {min(self.curves_k, len(self.ranked))} trials" \
                    + (" and the best MSE-only trial." if self.mse_id and self.mse_id in ids[self.curves_k:] else ".")
 
+    def verification(self, sec: Section) -> None:
+        s = self.summary
+        if s is None:
+            sec.notes.append("Not verified: nothing says yet whether the best loss weights beat pixel-only at the "
+                             f"same lr or are a lucky seed. Run: losstune verify {self.results.sweep_dir}")
+            return
+        objective = s["objective"]
+        metrics = [m for m in s["metrics"] if not is_loss_value(m)]
+        sec.text = (f"The top {len(s['configs'])} configs and their matched baselines (same config, every shaping "
+                    f"weight 0: same lr, warm-up, model) re-trained on {len(s['seeds'])} fresh seeds "
+                    f"({', '.join(map(str, s['seeds']))}) for {s.get('epochs')} epochs. Mean [95 % t-interval] over the "
+                    "seeds; the difference is paired by seed (config − baseline). Verdict:<br>"
+                    + "<br>".join(html.escape(line) for line in s.get("verdict", "").splitlines()))
+        head = ("<tr><th>trial</th><th>metric</th><th>config</th><th>matched baseline</th>"
+                "<th>difference (paired)</th><th>mean rank</th></tr>")
+        rows = []
+        for c in s["configs"]:
+            for j, m in enumerate(metrics):
+                diff = c["difference"].get(m) or {}
+                mark = " <b>*</b>" if diff.get("excludes_zero") else ""
+                rows.append("<tr" + (' class="best"' if c is s["configs"][0] and m == objective else "") + ">"
+                            + f'<td class="l">{html.escape(c["trial_id"]) if j == 0 else ""}</td>'
+                            + f'<td class="l">{html.escape(m)}</td>'
+                            + "".join(f"<td>{html.escape(_mean_ci(c[arm].get(m)))}</td>" for arm in (TUNED, BASELINE))
+                            + f"<td>{html.escape(interval_text(diff)) if diff else '-'}{mark}</td>"
+                            + f"<td>{_fmt(c.get('mean_rank')) if j == 0 else ''}</td></tr>")
+        sec.html = (f'<div class="scroll"><table class="lb">{head}{"".join(rows)}</table></div>'
+                    "<p class='meta'><b>*</b> the paired interval excludes 0. Loss values are not compared: they "
+                    "differ between a config and its baseline by construction.</p>")
+        shown = [objective] + [m for m in metrics if m != objective][:VERIFICATION_METRICS - 1]
+        from losstune.search.verify_plots import interval_figure
+        sec.image = self._save("verification", interval_figure(s, shown))
+
+    def _verified_pair(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The verified winner's tuned and baseline runs of its first seed (same lr, same seed)."""
+        if self.summary is None or not self.summary.get("configs"):
+            return None
+        winner = self.summary["configs"][0]
+        seed = winner["seeds"][0]
+        runs = {r["arm"]: r for r in self.summary.get("runs", [])
+                if r["trial_id"] == winner["trial_id"] and r["seed"] == seed}
+        return (runs[TUNED], runs[BASELINE]) if TUNED in runs and BASELINE in runs else None
+
+    def verified_panel(self, sec: Section, tuned: Mapping[str, Any], baseline: Mapping[str, Any]) -> bool:
+        ours, where = run_predictions(self.results, tuned.get("path"))
+        theirs, why = run_predictions(self.results, baseline.get("path"))
+        if ours is None or theirs is None:
+            sec.notes.append(f"The verification runs left no predictions ({where if ours is None else why}); "
+                             "showing the sweep's trials instead.")
+            return False
+        trial, seed = tuned["trial_id"], tuned["seed"]
+        columns = [("input", ours["input"]), ("baseline", ours["baseline"]), (f"winner {trial}", ours["prediction"]),
+                   ("matched baseline", theirs["prediction"]), ("target", ours["target"])]
+        diffs = [(f"∇ diff winner {trial}", plots.gradient_difference(ours["prediction"], ours["target"])),
+                 ("∇ diff matched baseline", plots.gradient_difference(theirs["prediction"], ours["target"]))]
+        sec.image = self._save("panel", plots.panel_figure(
+            columns, diffs, title=f"Validation samples (first {len(ours['target'])}), verification seed {seed}"))
+        sec.text = (f"The verified winner <b>{html.escape(trial)}</b> against its matched baseline: the same config "
+                    f"with every shaping weight 0, same lr and warm-up, both trained on seed {seed}. The "
+                    "gradient-difference maps show |∇pred| − |∇target|: red where the prediction is sharper than the "
+                    "target, blue where it is blurrier (over-smoothing).")
+        return True
+
     def panel(self, sec: Section) -> None:
+        pair = self._verified_pair()
+        if pair is not None and self.verified_panel(sec, *pair):
+            return
         if self.best_id is None:
             sec.notes.append("No ranked trial: no predictions to show.")
             return
@@ -466,6 +564,10 @@ class _Builder:
                          f"{_fmt(best.get('gradient_match'))} with "
                          f"{html.escape(_short(best, self.params, len(self.params)))}. "
                          f"Train it: <code>losstune train {html.escape(str(r.sweep_dir / 'best.yaml'))}</code></p>")
+        if self.summary is not None:
+            parts.append(f"<p><b>Verified</b> (best.yaml is the best verified config): "
+                         f"{html.escape(self.summary.get('verdict', '').splitlines()[0] if self.summary.get('verdict') else '')}. "
+                         "See <a href='#verification'>Verification</a>.</p>")
         for sec in self.sections:
             parts.append(f'<h2 id="{sec.key}">{html.escape(sec.title)}</h2>')
             if sec.text:
@@ -504,7 +606,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, top_k:
     b._section("leaderboard", "Leaderboard", b.leaderboard)
     if results.objective_metrics() != {"composite": "max"}:
         b._section("pareto", "Pareto front", b.pareto)
-    b._section("panel", "Predictions: best vs MSE-only", b.panel)
+    b._section("verification", "Verification: fresh seeds against the matched baseline", b.verification)
+    b._section("panel", "Predictions: verified winner vs its matched baseline" if b._verified_pair() else
+               "Predictions: best vs MSE-only", b.panel)
     b._section("curves", "Learning curves", b.curves)
     b._section("importance", "Parameter importance", lambda s: b.importance(s, study))
     b._section("history", "Optimisation history", lambda s: b.history(s, study))
@@ -515,6 +619,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, top_k:
     tmp.replace(html_path)
     (out_dir / "report.json").write_text(json.dumps(
         {"sweep": results.name, "best_trial": b.best_id, "mse_only_trial": b.mse_id,
+         "verified": b.summary is not None,
          "images": {k: p.name for k, p in b.images.items()}, "notes": b.notes}, indent=1))
     outcome = ReportOutcome(out_dir, html_path, dict(b.images), list(b.notes), results.info.get("parent_run_id"))
     if log_mlflow:

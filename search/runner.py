@@ -70,6 +70,7 @@ class SweepOutcome:
     parent_run_id: str | None = None
     tracking_stats: dict[str, Any] = field(default_factory=dict)
     result_grid: Any = None
+    verification: Any = None  # search.verify.VerifyOutcome when the config's verify: section ran
 
 
 def trial_dirname(trial) -> str:
@@ -537,6 +538,9 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
     _write_info(sweep_dir, info)
     if tracker is not None:
         best_effort(lambda: _finish_parent(tracker, results, outcome, status), out)
+    if status == "finished" and sweep.verify is not None:
+        from losstune.search.verify import verify_after_sweep
+        outcome.verification = verify_after_sweep(sweep_dir, out)
     if status == "interrupted":
         out(f"[losstune] the sweep did not finish ({n_ended}/{sweep.search.num_samples} trials ended); "
             f"continue it with: losstune sweep --resume {sweep_dir}")

@@ -52,6 +52,7 @@ TUNE_KEYS = {
     "timesteps_this_iter", "pid", "training_iteration", "done", "date", "hostname", "node_ip", "node_id", "trial_id",
     "experiment_id", "experiment_tag", "config", "should_checkpoint", "checkpoint_dir_name", "warmup_time",
 }
+STAGE_TAG = "stage"  # every child run: "search" (a sweep trial) or "verify" (a verification run)
 MAX_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags)
 MAX_PARAMS = 100
 PARAM_LEN = 500
@@ -676,7 +677,7 @@ class TrackingCallback(tune.Callback):
             if state.run_id is None and (state.started or state.metrics or state.end):
                 run_id = self._find_run(client, state.trial_id)
                 if run_id is None:
-                    tags = {"losstune.trial_id": state.trial_id, **self.tags}
+                    tags = {"losstune.trial_id": state.trial_id, STAGE_TAG: "search", **self.tags}
                     if self.parent_run_id:
                         tags["mlflow.parentRunId"] = self.parent_run_id
                     run_id = client.create_run(self.experiment_id, run_name=state.name, tags=tags).info.run_id
