@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from losstune.search.formatting import format_value
+
 PREDICTIONS_NPZ = "predictions.npz"
 PREDICTIONS_PNG = "predictions.png"
 PREDICTIONS_THUMB = "predictions.webp"  # MLflow's image-series thumbnail, made where the image is made
@@ -181,20 +183,10 @@ def _tidy(ax, nbins: int = 5, x: bool = True, y: bool = True, rotate: bool = Tru
         ax.tick_params(axis="x", labelrotation=25)
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        return f"{v:.4g}"
-    return str(v)
-
-
 def leaderboard_figure(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str):
     """The leaderboard as a table image (rows already formatted or raw values)."""
     plt = _plt()
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows] or [["(no trials)"] + [""] * (len(columns) - 1)]
+    cells = [[format_value(r.get(c)) for c in columns] for r in rows] or [["(no trials)"] + [""] * (len(columns) - 1)]
     width = max(6.0, 0.2 + sum(max(len(str(c)), *(len(row[j]) for row in cells)) for j, c in enumerate(columns))
                 * 0.085)
     fig, ax = plt.subplots(figsize=(min(width, 22.0), 0.5 + 0.3 * (len(cells) + 1)))

@@ -37,7 +37,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from losstune.search import plots
-from losstune.search.trials import SweepResults, load_results
+from losstune.search.formatting import format_value
+from losstune.search.trials import OPTUNA_DB, SweepResults, load_results
 from losstune.trainables.config import ConfigError
 from losstune.trainables.terms import BUILTIN_TERMS, shaping_weight_names
 
@@ -45,7 +46,6 @@ logger = logging.getLogger("losstune.report")
 
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
-OPTUNA_DB = "optuna.db"
 METRICS = ("composite", "ssim", "mse", "psnr", "gradient_match")
 MIN_IMPORTANCE_TRIALS = 2
 FIGURES = ("leaderboard", "importance", "history", "slice", "pareto", "curves", "panel")
@@ -217,18 +217,8 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, (float, np.floating)):
-        return "–" if not math.isfinite(float(v)) else f"{float(v):.4g}"
-    if isinstance(v, (np.integer,)):
-        return str(int(v))
-    return str(v)
-
-
 def _short(params: Mapping[str, Any], names: list[str], limit: int = 3) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={_fmt(params.get(k))}" for k in names[:limit])
+    return ", ".join(f"{k.split('.')[-1]}={format_value(params.get(k))}" for k in names[:limit])
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -302,8 +292,8 @@ class _Builder:
             klass = "best" if rank == 1 else ("mse" if r["trial_id"] == self.mse_id else "")
             cells = [f"<td>{rank}</td>", f'<td class="l tag">{html.escape(str(r["trial_id"]))}'
                      + (" <small>(MSE-only)</small>" if r["trial_id"] == self.mse_id else "") + "</td>"]
-            cells += [f'<td class="l">{html.escape(_fmt(r.get(c)))}</td>' for c in self.params]
-            cells += [f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in METRICS]
+            cells += [f'<td class="l">{html.escape(format_value(r.get(c)))}</td>' for c in self.params]
+            cells += [f"<td>{html.escape(format_value(r.get(c)))}</td>" for c in METRICS]
             cells += [f"<td>{int(r.get('epochs') or 0)}</td>", f'<td class="l">{html.escape(str(r["status"]))}</td>']
             body.append(f'<tr class="{klass}">' + "".join(cells) + "</tr>")
         sec.html = (f'<div class="scroll"><table class="lb" id="leaderboard"><tr>{head}</tr>{"".join(body)}</table></div>'
@@ -381,8 +371,8 @@ class _Builder:
                                                              title=f"Pareto front ({len(front)} non-dominated "
                                                                    f"of {len(self.ranked)} trials)"))
         rows = "".join(f"<tr><td class='l'>{html.escape(str(r['trial_id']))}</td>"
-                       + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in metrics)
-                       + "".join(f"<td class='l'>{html.escape(_fmt(r.get(p)))}</td>" for p in self.params) + "</tr>"
+                       + "".join(f"<td>{format_value(r.get(m))}</td>" for m in metrics)
+                       + "".join(f"<td class='l'>{html.escape(format_value(r.get(p)))}</td>" for p in self.params) + "</tr>"
                        for _, r in front.iterrows())
         head = "".join(f"<th>{html.escape(c)}</th>" for c in ["trial_id", *metrics, *self.params])
         sec.html = f'<div class="scroll"><table class="lb" id="pareto"><tr>{head}</tr>{rows}</table></div>'
@@ -461,9 +451,9 @@ class _Builder:
                  f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}</p>"]
         if self.best_id:
             best = r.table.set_index("trial_id").loc[self.best_id]
-            parts.append(f"<p>Best trial <b>{html.escape(self.best_id)}</b>: composite {_fmt(best.get('composite'))}, "
-                         f"SSIM {_fmt(best.get('ssim'))}, MSE {_fmt(best.get('mse'))}, gradient match "
-                         f"{_fmt(best.get('gradient_match'))} with "
+            parts.append(f"<p>Best trial <b>{html.escape(self.best_id)}</b>: composite {format_value(best.get('composite'))}, "
+                         f"SSIM {format_value(best.get('ssim'))}, MSE {format_value(best.get('mse'))}, gradient match "
+                         f"{format_value(best.get('gradient_match'))} with "
                          f"{html.escape(_short(best, self.params, len(self.params)))}. "
                          f"Train it: <code>losstune train {html.escape(str(r.sweep_dir / 'best.yaml'))}</code></p>")
         for sec in self.sections:
@@ -502,7 +492,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, top_k:
         study = None
         b.notes.append(f"Cannot open the Optuna study: {type(err).__name__}: {err}")
     b._section("leaderboard", "Leaderboard", b.leaderboard)
-    if results.objective_metrics() != {"composite": "max"}:
+    if results.is_pareto:
         b._section("pareto", "Pareto front", b.pareto)
     b._section("panel", "Predictions: best vs MSE-only", b.panel)
     b._section("curves", "Learning curves", b.curves)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ray import tune
 
+from losstune.search.formatting import format_value
 from losstune.search.status import TrialStatus
 
 logger = logging.getLogger("losstune.tracking")
@@ -836,7 +837,7 @@ class ProgressCallback(tune.Callback):
             values = self.decode(trial.config) if self.decode else trial.config
         except Exception:  # noqa: BLE001
             values = trial.config
-        return " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        return " ".join(f"{k}={format_value(v)}" for k, v in values.items())
 
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"[losstune] start  {trial.trial_id}  {self._params(trial)}", flush=True)
@@ -847,16 +848,8 @@ class ProgressCallback(tune.Callback):
         status = TrialStatus.of_completed(last, self.max_epochs)
         of = f"/{self.total}" if self.total else ""
         print(f"[losstune] {status.label:<13} {trial.trial_id}  epochs {iters}/{self.max_epochs}  "
-              f"composite {_fmt(last.get('composite'))}  ssim {_fmt(last.get('ssim'))}  "
-              f"mse {_fmt(last.get('mse'))}  ({self._done(trials, trial)}{of} done)", flush=True)
+              f"composite {format_value(last.get('composite'))}  ssim {format_value(last.get('ssim'))}  "
+              f"mse {format_value(last.get('mse'))}  ({self._done(trials, trial)}{of} done)", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[losstune] FAILED {trial.trial_id}: see {trial.path}/error.txt", flush=True)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    if v is None:
-        return "-"
-    return str(v)
