@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from losstune.search import plots
+from losstune.search import artifacts, plots
 from losstune.search.formatting import format_value
 from losstune.search.trials import OPTUNA_DB, SweepResults, load_results
 from losstune.trainables.config import ConfigError
@@ -123,12 +123,12 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
     if not ckpts:
         return None, "no checkpoint"
     for ckpt in ckpts:
-        data = _read_bytes(fs, f"{ckpt}/{plots.PREDICTIONS_NPZ}")
+        data = _read_bytes(fs, f"{ckpt}/{artifacts.PREDICTIONS_NPZ}")
         if data is not None:
             try:
-                return plots.load_predictions(io.BytesIO(data)), f"{ckpt}/{plots.PREDICTIONS_NPZ}"
+                return artifacts.load_predictions(io.BytesIO(data)), f"{ckpt}/{artifacts.PREDICTIONS_NPZ}"
             except (OSError, ValueError) as err:
-                logger.warning("%s/%s unreadable: %s", ckpt, plots.PREDICTIONS_NPZ, err)
+                logger.warning("%s/%s unreadable: %s", ckpt, artifacts.PREDICTIONS_NPZ, err)
     if not recompute:
         return None, "no predictions.npz in its checkpoints"
     # an older sweep: rebuild the model from the newest checkpoint's state.pt
@@ -141,7 +141,7 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
             (Path(tmp) / "state.pt").write_bytes(state)
             trainer = Trainer(results.trial_config(trial_id))
             trainer.load(tmp)
-            arrays = {k: v.numpy() for k, v in trainer.predict_val(plots.NUM_SAMPLES).items()}
+            arrays = {k: v.numpy() for k, v in trainer.predict_val(artifacts.NUM_SAMPLES).items()}
         return arrays, f"recomputed from {ckpts[0]}/state.pt"
     except Exception as err:  # noqa: BLE001 - a report must not fail on one trial
         return None, f"cannot recompute from state.pt ({type(err).__name__}: {err})"

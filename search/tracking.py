@@ -43,7 +43,7 @@ from losstune.search.status import TrialStatus
 logger = logging.getLogger("losstune.tracking")
 
 RUNS_FILE = "mlflow_runs.json"
-# small files of each checkpoint that the child run keeps (written by search.plots.write_trial_artifacts)
+# small files of each checkpoint that the child run keeps (written by search.artifacts.write_trial_artifacts)
 ARTIFACT_FILES = ("predictions.png", "config.yaml")
 THUMBNAIL_FILE = "predictions.webp"  # the image series' thumbnail, made by the trial beside predictions.png
 IMAGE_KEY = "predictions"  # the image series' key in the MLflow UI
@@ -330,7 +330,7 @@ def _thumbnail_of(png: bytes) -> bytes:
 
     from PIL import Image
 
-    from losstune.search.plots import save_thumbnail
+    from losstune.search.artifacts import save_thumbnail
     out = io.BytesIO()
     with Image.open(io.BytesIO(png)) as image:
         image.load()
