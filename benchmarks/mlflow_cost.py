@@ -63,10 +63,10 @@ def make_result(trial: FakeTrial, epoch: int, rng: random.Random) -> dict[str, A
 
 def _artifact_dir(root: Path) -> Path:
     """A checkpoint-like folder with a real predictions.png grid, its thumbnail and config.yaml (as trials write
-    them in ``search.plots.write_trial_artifacts``)."""
+    them in ``search.artifacts.write_trial_artifacts``)."""
     import numpy as np
 
-    from losstune.search.plots import PREDICTIONS_THUMB, prediction_grid, save_thumbnail
+    from losstune.search.artifacts import PREDICTIONS_THUMB, prediction_grid, save_thumbnail
     root.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(0)
     arrays = {k: g.random((4, 3, 32, 32), dtype=np.float32) for k in ("input", "baseline", "prediction", "target")}

@@ -60,6 +60,14 @@ class WeightedLoss:
     Calling ``loss(step, **inputs)`` returns ``(total, components)``: ``components[name]`` is the
     *weighted* value of each term, detached (a 0 tensor for weight-0 terms). Nothing syncs
     with the host, so a NaN simply propagates to ``total`` for the training loop to detect.
+
+    >>> from losstune.losses.pixel import l1_loss, mse_loss
+    >>> loss = WeightedLoss({"mse": lambda pred, target, **_: mse_loss(pred, target),
+    ...                      "l1": lambda pred, target, **_: l1_loss(pred, target)},
+    ...                     {"mse": 1.0, "l1": 0.5}, warmup={"l1": 10})
+    >>> total, parts = loss(5, pred=torch.ones(1, 1, 2, 2), target=torch.zeros(1, 1, 2, 2))
+    >>> total, parts["l1"], loss.weight_at("l1", 5)  # half-way through the l1 warm-up
+    (tensor(1.2500), tensor(0.2500), 0.25)
     """
 
     def __init__(self, terms: Mapping[str, Term], weights: Mapping[str, float],

@@ -13,6 +13,12 @@ from losstune.losses._checks import check_pair, upcast
 
 
 def diffusion_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
-    """DDPM ε-prediction loss ``mean((eps_pred − eps)²)`` (computed in float32 for half inputs)."""
+    """DDPM ε-prediction loss ``mean((eps_pred − eps)²)`` (computed in float32 for half inputs).
+
+    >>> import torch
+    >>> eps = torch.randn(4, 1, 8, 8)
+    >>> diffusion_loss(eps, eps), diffusion_loss(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    (tensor(0.), tensor(1.))
+    """
     check_pair(eps_pred, eps, ("eps_pred", "eps"))
     return (upcast(eps_pred) - upcast(eps)).square().mean()

@@ -42,6 +42,12 @@ def intensity_weights(target: Tensor, bins: int = 64, smoothing: float = 0.1,
             ``p' = (1 − s)·p + s/bins``; bounds the largest weight ratio by ``bins / s``.
             0 gives pure inverse frequency, 1 gives uniform weights.
         value_range: ``(lo, hi)`` for the bins; default: each sample's own min..max.
+
+    >>> target = torch.zeros(1, 1, 4, 4)
+    >>> target[..., 0, 0] = 1.0  # one bright pixel among 15 dark ones
+    >>> w = intensity_weights(target, bins=2, smoothing=0.0)
+    >>> round(w.mean().item(), 4), round((w[..., 0, 0] / w[..., 1, 1]).item(), 4)  # mean 1; the rare one weighs 15×
+    (1.0, 15.0)
     """
     check_tensor(target, "target")
     if bins < 1:
@@ -66,7 +72,12 @@ def intensity_weights(target: Tensor, bins: int = 64, smoothing: float = 0.1,
 
 def intensity_weighted_loss(pred: Tensor, target: Tensor, bins: int = 64, smoothing: float = 0.1,
                             kind: str = "l1") -> Tensor:
-    """``mean(w · err)`` with ``w = intensity_weights(target)`` and ``err`` = |d| (``"l1"``) or d² (``"mse"``)."""
+    """``mean(w · err)`` with ``w = intensity_weights(target)`` and ``err`` = |d| (``"l1"``) or d² (``"mse"``).
+
+    >>> target = torch.rand(2, 1, 8, 8)
+    >>> intensity_weighted_loss(target, target), intensity_weighted_loss(target + 0.1, target) > 0
+    (tensor(0.), tensor(True))
+    """
     if kind not in KINDS:
         raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
     check_pair(pred, target, min_ndim=2)

@@ -108,6 +108,11 @@ class PerceptualLoss(nn.Module):
 
     The extractor is frozen (``requires_grad=False``, eval mode) but moves with ``.to(device)``;
     gradients flow to ``pred`` only.
+
+    >>> loss = PerceptualLoss(in_channels=1)
+    >>> x = torch.rand(2, 1, 16, 16)
+    >>> loss(x, x).item(), bool(loss(x, torch.rand(2, 1, 16, 16)) > 0)
+    (0.0, True)
     """
 
     def __init__(self, in_channels: int = 3, seed: int = 0, weights_path: str | os.PathLike | None = None,

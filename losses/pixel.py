@@ -28,12 +28,23 @@ def _diff(pred: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def mse_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Mean squared error ``mean(weight · (pred − target)²)``."""
+    """Mean squared error ``mean(weight · (pred − target)²)``.
+
+    >>> pred, target = torch.tensor([[[[0.0, 1.0]]]]), torch.tensor([[[[0.0, 0.5]]]])
+    >>> mse_loss(pred, target)
+    tensor(0.1250)
+    >>> mse_loss(pred, target, weight=torch.tensor([[[[0.0, 2.0]]]]))  # only the second pixel counts
+    tensor(0.2500)
+    """
     return _weighted_mean(_diff(pred, target, weight).square(), weight)
 
 
 def l1_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Mean absolute error ``mean(weight · |pred − target|)``."""
+    """Mean absolute error ``mean(weight · |pred − target|)``.
+
+    >>> l1_loss(torch.tensor([[[[0.0, 1.0]]]]), torch.tensor([[[[0.0, 0.5]]]]))
+    tensor(0.2500)
+    """
     return _weighted_mean(_diff(pred, target, weight).abs(), weight)
 
 
@@ -43,6 +54,12 @@ def charbonnier_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
 
     Charbonnier et al., ICIP 1994; used for image restoration by Lai et al. (LapSRN, CVPR 2017).
     The ``− eps`` offset makes the loss exactly 0 for identical images.
+
+    >>> x = torch.rand(2, 1, 8, 8)
+    >>> charbonnier_loss(x, x)
+    tensor(0.)
+    >>> round(charbonnier_loss(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)).item(), 4)  # ~ L1 for |d| >> eps
+    0.999
     """
     if eps <= 0:
         raise ValueError(f"eps: must be > 0, got {eps}")

@@ -37,6 +37,11 @@ def solidification_weights(temperature: Tensor, t_solidus: float, t_liquidus: fl
         t_solidus, t_liquidus: window edges, ``t_solidus < t_liquidus``.
         boost: weight ratio inside/outside the window (> 0; 1 gives uniform weights).
         softness: edge width as a fraction of the window width (0 gives a hard window).
+
+    >>> temperature = torch.tensor([[[1500.0, 1650.0]]])  # N×H×W: one pixel below, one inside the window
+    >>> w = solidification_weights(temperature, t_solidus=1600.0, t_liquidus=1700.0, boost=4.0, softness=0.0)
+    >>> w.shape, w.mean().item(), (w[..., 1] / w[..., 0]).item()
+    (torch.Size([1, 1, 1, 2]), 1.0, 4.0)
     """
     check_tensor(temperature, "temperature")
     if temperature.ndim == 3:

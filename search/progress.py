@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 from ray import tune
 
+from losstune.search.formatting import format_duration
 from losstune.search.status import TrialStatus
 
 DEFAULT_INTERVAL = 10.0
@@ -33,19 +34,6 @@ def progress_interval(default: float = DEFAULT_INTERVAL) -> float:
         return max(0.0, float(os.environ.get("LOSSTUNE_PROGRESS_INTERVAL", default)))
     except ValueError:
         return default
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, s = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{s:02d}s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours}h{m:02d}m"
 
 
 def classify(trial, max_epochs: int) -> TrialStatus:

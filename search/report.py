@@ -40,8 +40,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from losstune.search import plots
-from losstune.search.trials import SweepResults, load_results
+from losstune.search import artifacts, plots
+from losstune.search.formatting import format_value
+from losstune.search.trials import OPTUNA_DB, SweepResults, load_results
 from losstune.trainables.config import ConfigError
 from losstune.trainables.terms import BUILTIN_TERMS, shaping_weight_names
 from losstune.search.verify import read_summary
@@ -52,7 +53,6 @@ logger = logging.getLogger("losstune.report")
 
 REPORT_DIR = "report"
 REPORT_HTML = "report.html"
-OPTUNA_DB = "optuna.db"
 METRICS = ("composite", "ssim", "mse", "psnr", "gradient_match")
 MIN_IMPORTANCE_TRIALS = 2
 FIGURES = ("leaderboard", "importance", "history", "slice", "pareto", "curves", "panel", "verification")
@@ -146,12 +146,12 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
     if not ckpts:
         return None, "no checkpoint"
     for ckpt in ckpts:
-        data = _read_bytes(fs, f"{ckpt}/{plots.PREDICTIONS_NPZ}")
+        data = _read_bytes(fs, f"{ckpt}/{artifacts.PREDICTIONS_NPZ}")
         if data is not None:
             try:
-                return plots.load_predictions(io.BytesIO(data)), f"{ckpt}/{plots.PREDICTIONS_NPZ}"
+                return artifacts.load_predictions(io.BytesIO(data)), f"{ckpt}/{artifacts.PREDICTIONS_NPZ}"
             except (OSError, ValueError) as err:
-                logger.warning("%s/%s unreadable: %s", ckpt, plots.PREDICTIONS_NPZ, err)
+                logger.warning("%s/%s unreadable: %s", ckpt, artifacts.PREDICTIONS_NPZ, err)
     if not recompute:
         return None, "no predictions.npz in its checkpoints"
     # an older sweep: rebuild the model from the newest checkpoint's state.pt
@@ -164,7 +164,7 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
             (Path(tmp) / "state.pt").write_bytes(state)
             trainer = Trainer(results.trial_config(trial_id))
             trainer.load(tmp)
-            arrays = {k: v.numpy() for k, v in trainer.predict_val(plots.NUM_SAMPLES).items()}
+            arrays = {k: v.numpy() for k, v in trainer.predict_val(artifacts.NUM_SAMPLES).items()}
         return arrays, f"recomputed from {ckpts[0]}/state.pt"
     except Exception as err:  # noqa: BLE001 - a report must not fail on one trial
         return None, f"cannot recompute from state.pt ({type(err).__name__}: {err})"
@@ -248,18 +248,8 @@ def _mean_ci(d: Mapping[str, Any] | None) -> str:
     return f"{d['mean']:.4g} [{d['low']:.4g}, {d['high']:.4g}]"
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, (float, np.floating)):
-        return "–" if not math.isfinite(float(v)) else f"{float(v):.4g}"
-    if isinstance(v, (np.integer,)):
-        return str(int(v))
-    return str(v)
-
-
 def _short(params: Mapping[str, Any], names: list[str], limit: int = 3) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={_fmt(params.get(k))}" for k in names[:limit])
+    return ", ".join(f"{k.split('.')[-1]}={format_value(params.get(k))}" for k in names[:limit])
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -334,8 +324,8 @@ class _Builder:
             klass = "best" if rank == 1 else ("mse" if r["trial_id"] == self.mse_id else "")
             cells = [f"<td>{rank}</td>", f'<td class="l tag">{html.escape(str(r["trial_id"]))}'
                      + (" <small>(MSE-only)</small>" if r["trial_id"] == self.mse_id else "") + "</td>"]
-            cells += [f'<td class="l">{html.escape(_fmt(r.get(c)))}</td>' for c in self.params]
-            cells += [f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in METRICS]
+            cells += [f'<td class="l">{html.escape(format_value(r.get(c)))}</td>' for c in self.params]
+            cells += [f"<td>{html.escape(format_value(r.get(c)))}</td>" for c in METRICS]
             cells += [f"<td>{int(r.get('epochs') or 0)}</td>", f'<td class="l">{html.escape(str(r["status"]))}</td>']
             body.append(f'<tr class="{klass}">' + "".join(cells) + "</tr>")
         sec.html = (f'<div class="scroll"><table class="lb" id="leaderboard"><tr>{head}</tr>{"".join(body)}</table></div>'
@@ -413,8 +403,8 @@ class _Builder:
                                                              title=f"Pareto front ({len(front)} non-dominated "
                                                                    f"of {len(self.ranked)} trials)"))
         rows = "".join(f"<tr><td class='l'>{html.escape(str(r['trial_id']))}</td>"
-                       + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in metrics)
-                       + "".join(f"<td class='l'>{html.escape(_fmt(r.get(p)))}</td>" for p in self.params) + "</tr>"
+                       + "".join(f"<td>{format_value(r.get(m))}</td>" for m in metrics)
+                       + "".join(f"<td class='l'>{html.escape(format_value(r.get(p)))}</td>" for p in self.params) + "</tr>"
                        for _, r in front.iterrows())
         head = "".join(f"<th>{html.escape(c)}</th>" for c in ["trial_id", *metrics, *self.params])
         sec.html = f'<div class="scroll"><table class="lb" id="pareto"><tr>{head}</tr>{rows}</table></div>'
@@ -461,7 +451,7 @@ class _Builder:
                             + f'<td class="l">{html.escape(m)}</td>'
                             + "".join(f"<td>{html.escape(_mean_ci(c[arm].get(m)))}</td>" for arm in (TUNED, BASELINE))
                             + f"<td>{html.escape(interval_text(diff)) if diff else '-'}{mark}</td>"
-                            + f"<td>{_fmt(c.get('mean_rank')) if j == 0 else ''}</td></tr>")
+                            + f"<td>{format_value(c.get('mean_rank')) if j == 0 else ''}</td></tr>")
         sec.html = (f'<div class="scroll"><table class="lb">{head}{"".join(rows)}</table></div>'
                     "<p class='meta'><b>*</b> the paired interval excludes 0. Loss values are not compared: they "
                     "differ between a config and its baseline by construction.</p>")
@@ -559,9 +549,9 @@ class _Builder:
                  f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}</p>"]
         if self.best_id:
             best = r.table.set_index("trial_id").loc[self.best_id]
-            parts.append(f"<p>Best trial <b>{html.escape(self.best_id)}</b>: composite {_fmt(best.get('composite'))}, "
-                         f"SSIM {_fmt(best.get('ssim'))}, MSE {_fmt(best.get('mse'))}, gradient match "
-                         f"{_fmt(best.get('gradient_match'))} with "
+            parts.append(f"<p>Best trial <b>{html.escape(self.best_id)}</b>: composite {format_value(best.get('composite'))}, "
+                         f"SSIM {format_value(best.get('ssim'))}, MSE {format_value(best.get('mse'))}, gradient match "
+                         f"{format_value(best.get('gradient_match'))} with "
                          f"{html.escape(_short(best, self.params, len(self.params)))}. "
                          f"Train it: <code>losstune train {html.escape(str(r.sweep_dir / 'best.yaml'))}</code></p>")
         if self.summary is not None:
@@ -604,7 +594,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, top_k:
         study = None
         b.notes.append(f"Cannot open the Optuna study: {type(err).__name__}: {err}")
     b._section("leaderboard", "Leaderboard", b.leaderboard)
-    if results.objective_metrics() != {"composite": "max"}:
+    if results.is_pareto:
         b._section("pareto", "Pareto front", b.pareto)
     b._section("verification", "Verification: fresh seeds against the matched baseline", b.verification)
     b._section("panel", "Predictions: verified winner vs its matched baseline" if b._verified_pair() else

@@ -40,13 +40,12 @@ from losstune.search.internals import RAY_TOKEN_AUTH_LOGGER, ray_session_root
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import (ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
-from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
+from losstune.search.trials import OPTUNA_DB, SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
     write_reports
 from losstune.search.tune_state import TuneStateDamaged, known_trial_ids
 from losstune.search.tune_state import repair as repair_tune_state
 
 logger = logging.getLogger("losstune")
-OPTUNA_DB = "optuna.db"
 
 
 class SweepInputError(ValueError):
@@ -714,7 +713,7 @@ def _print_summary(results: SweepResults, exported: list[Path], out: Callable[[s
     out("[losstune] trials: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none has a result yet"))
     if not ranked.empty:
         out("[losstune] top trials:\n" + format_table(ranked, max_rows=10))
-    if results.objective_metrics() != {"composite": "max"}:
+    if results.is_pareto:
         front = results.pareto_front()
         out(f"[losstune] pareto front ({', '.join(f'{k} {v}' for k, v in results.objective_metrics().items())}):\n"
             + format_table(front))

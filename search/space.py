@@ -302,6 +302,16 @@ def parse_space(raw: Mapping[str, Any], task: str | None = None) -> tuple[dict[s
     """The space section -> (searched params, fixed values), both keyed by (dotted) field.
 
     ``task`` adds the weights of its own loss terms (:mod:`trainables.terms`) to the valid keys.
+
+    >>> params, fixed = parse_space({"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.3},
+    ...                              "model.hidden_channels": {"type": "choice", "values": [[4, 8], [8, 8]]},
+    ...                              "pixel_loss": "mse"})
+    >>> describe(params), fixed
+    ({'gradient_weight': 'uniform[0, 0.3]', 'model.hidden_channels': 'choice[[4, 8], [8, 8]]'}, {'pixel_loss': 'mse'})
+    >>> parse_space({"gradient_wieght": {"type": "uniform", "low": 0.0, "high": 0.3}})
+    Traceback (most recent call last):
+    ...
+    losstune.search.space.SpaceError: space.gradient_wieght: 'gradient_wieght' is not a training config field; ...
     """
     params: dict[str, ParamSpec] = {}
     fixed: dict[str, Any] = {}
@@ -351,7 +361,14 @@ def set_path(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def apply_values(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base`` with each (dotted) key set to its value."""
+    """A deep copy of ``base`` with each (dotted) key set to its value.
+
+    >>> base = {"lr": 0.001, "model": {"depth": 2}}
+    >>> apply_values(base, {"lr": 0.01, "model.base_channels": 8}), base["model"]
+    ({'lr': 0.01, 'model': {'depth': 2, 'base_channels': 8}}, {'depth': 2})
+    >>> get_path({"model": {"depth": 2}}, "model.depth"), get_path({}, "model.depth", "unset")
+    (2, 'unset')
+    """
     out = copy.deepcopy(dict(base))
     for key, value in values.items():
         set_path(out, key, copy.deepcopy(value))
@@ -365,7 +382,16 @@ def decode(params: Mapping[str, ParamSpec], sampled: Mapping[str, Any]) -> dict[
 
 
 def trial_config(base: Mapping[str, Any], params: Mapping[str, ParamSpec], sampled: Mapping[str, Any]) -> dict:
-    """The full training config (a raw mapping) of one trial."""
+    """The full training config (a raw mapping) of one trial.
+
+    A choice of non-scalar values reaches Optuna as index-labelled strings and comes back decoded:
+
+    >>> params, _ = parse_space({"model.hidden_channels": {"type": "choice", "values": [[4, 8], [8, 8]]}})
+    >>> encode_point(params, {"model.hidden_channels": [8, 8]})
+    {'model.hidden_channels': '1:[8, 8]'}
+    >>> trial_config({"lr": 0.001}, params, {"model.hidden_channels": "1:[8, 8]"})
+    {'lr': 0.001, 'model': {'hidden_channels': [8, 8]}}
+    """
     return apply_values(base, decode(params, sampled))
 
 
@@ -384,6 +410,16 @@ def complete_point(params: Mapping[str, ParamSpec], base: Mapping[str, Any], poi
     """A points_to_evaluate entry (real values, maybe partial) -> all params, real values.
 
     Raises :class:`SpaceError` naming ``<path>.<key>`` for unknown keys or values outside the space.
+    A param the point does not name takes the base config's value when inside the space, else the midpoint.
+
+    >>> params, _ = parse_space({"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.3},
+    ...                          "lr": {"type": "loguniform", "low": 1.0e-4, "high": 1.0e-2}})
+    >>> complete_point(params, {"lr": 0.003}, {"gradient_weight": 0.1}, "search.points_to_evaluate[0]")
+    {'gradient_weight': 0.1, 'lr': 0.003}
+    >>> complete_point(params, {}, {"gradient_weight": 0.5}, "search.points_to_evaluate[0]")
+    Traceback (most recent call last):
+    ...
+    losstune.search.space.SpaceError: search.points_to_evaluate[0].gradient_weight: 0.5 is outside the space uniform[0, 0.3]
     """
     if not isinstance(point, Mapping):
         raise SpaceError(path, f"expected a mapping of parameter values, got {type(point).__name__}")

@@ -34,12 +34,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ray import tune
 
+from losstune.search.formatting import format_value
 from losstune.search.status import TrialStatus
 
 logger = logging.getLogger("losstune.tracking")
 
 RUNS_FILE = "mlflow_runs.json"
-# small files of each checkpoint that the child run keeps (written by search.plots.write_trial_artifacts)
+# small files of each checkpoint that the child run keeps (written by search.artifacts.write_trial_artifacts)
 ARTIFACT_FILES = ("predictions.png", "config.yaml")
 THUMBNAIL_FILE = "predictions.webp"  # the image series' thumbnail, made by the trial beside predictions.png
 IMAGE_KEY = "predictions"  # the image series' key in the MLflow UI
@@ -320,7 +321,7 @@ def _thumbnail_of(png: bytes) -> bytes:
 
     from PIL import Image
 
-    from losstune.search.plots import save_thumbnail
+    from losstune.search.artifacts import save_thumbnail
     out = io.BytesIO()
     with Image.open(io.BytesIO(png)) as image:
         image.load()
@@ -827,7 +828,7 @@ class ProgressCallback(tune.Callback):
             values = self.decode(trial.config) if self.decode else trial.config
         except Exception:  # noqa: BLE001
             values = trial.config
-        return " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        return " ".join(f"{k}={format_value(v)}" for k, v in values.items())
 
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"[losstune] start  {trial.trial_id}  {self._params(trial)}", flush=True)
@@ -838,16 +839,8 @@ class ProgressCallback(tune.Callback):
         status = TrialStatus.of_completed(last, self.max_epochs)
         of = f"/{self.total}" if self.total else ""
         print(f"[losstune] {status.label:<13} {trial.trial_id}  epochs {iters}/{self.max_epochs}  "
-              f"composite {_fmt(last.get('composite'))}  ssim {_fmt(last.get('ssim'))}  "
-              f"mse {_fmt(last.get('mse'))}  ({self._done(trials, trial)}{of} done)", flush=True)
+              f"composite {format_value(last.get('composite'))}  ssim {format_value(last.get('ssim'))}  "
+              f"mse {format_value(last.get('mse'))}  ({self._done(trials, trial)}{of} done)", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[losstune] FAILED {trial.trial_id}: see {trial.path}/error.txt", flush=True)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    if v is None:
-        return "-"
-    return str(v)

@@ -2,7 +2,7 @@
 
 Each epoch is reported with ``tune.report`` together with a checkpoint (``Trainer.save`` plus the
 validation predictions ``predictions.npz``/``.png``/``.webp`` and ``config.yaml`` of
-:func:`search.plots.write_trial_artifacts`), so a restarted trial (node failure, ``--resume``) continues
+:func:`search.artifacts.write_trial_artifacts`), so a restarted trial (node failure, ``--resume``) continues
 from its last epoch via ``tune.get_checkpoint``.
 
 Tune's function trainables report synchronously: ``tune.report`` uploads the checkpoint and then blocks
@@ -43,7 +43,7 @@ def capture_artifacts(trainer) -> dict[str, Any] | None:
     """The validation predictions and config of the model as it is now, for :func:`write_artifacts`; a
     failure here never fails the trial (None: no artifacts this epoch)."""
     try:
-        from losstune.search.plots import capture_trial_artifacts
+        from losstune.search.artifacts import capture_trial_artifacts
         return capture_trial_artifacts(trainer)
     except ImportError:  # pragma: no cover - the plotting module is optional
         return None
@@ -58,7 +58,7 @@ def write_artifacts(directory: str, captured: Mapping[str, Any] | None) -> None:
     if captured is None:
         return
     try:
-        from losstune.search.plots import write_trial_artifacts
+        from losstune.search.artifacts import write_trial_artifacts
         write_trial_artifacts(directory, captured)
     except Exception as err:  # noqa: BLE001
         logging.getLogger("losstune").warning("cannot save the trial's prediction artifacts: %s", err)

@@ -23,12 +23,14 @@ from typing import Any, Mapping
 import pandas as pd
 
 from losstune.search import space as sp
+from losstune.search.config import PARETO_METRICS
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import RUNS_FILE, read_runs_file
 from losstune.trainables.loop import DIVERGED_SCORE  # what a diverged trial scores (the worst composite)
 
 SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep.yaml"
+OPTUNA_DB = "optuna.db"  # the sweep's Optuna study (sqlite)
 METRIC_COLUMNS = ["composite", "best_composite", "ssim", "mse", "psnr", "gradient_match"]
 # the statuses a trial can be ranked (and exported) with, given a finite composite
 ELIGIBLE = tuple(s.value for s in (TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY, TrialStatus.RUNNING,
@@ -64,10 +66,17 @@ class SweepResults:
         ok &= df["composite"].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))
         return df[ok].sort_values(["composite", "trial_id"], ascending=[False, True])
 
+    @property
+    def is_pareto(self) -> bool:
+        """A sweep with a pareto objective (as sweep.json records it; else its config's ``Sweep.is_pareto``)."""
+        objective = self.info.get("objective")
+        if objective is None and self.sweep is not None:
+            return self.sweep.is_pareto
+        return (objective or {}).get("type") == "pareto"
+
     def objective_metrics(self) -> dict[str, str]:
-        objective = (self.info.get("objective") or {})
-        if objective.get("type") == "pareto":
-            return dict(objective.get("metrics") or {"ssim": "max", "mse": "min", "gradient_match": "max"})
+        if self.is_pareto:
+            return dict((self.info.get("objective") or {}).get("metrics") or PARETO_METRICS)
         return {"composite": "max"}
 
     def pareto_front(self) -> pd.DataFrame:
@@ -270,7 +279,7 @@ def write_reports(results: SweepResults) -> dict[str, Path]:
     path = results.sweep_dir / "trials.csv"
     results.table.drop(columns=["path"]).to_csv(path, index=False)
     out["trials"] = path
-    if results.objective_metrics() != {"composite": "max"}:
+    if results.is_pareto:
         path = results.sweep_dir / "pareto.csv"
         results.pareto_front().drop(columns=["path"]).to_csv(path, index=False)
         out["pareto"] = path

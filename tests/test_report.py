@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from losstune.search import plots
+from losstune.search import artifacts, plots
 from losstune.search.cli import main
 from losstune.search.progress import SweepStatus, format_duration
 from losstune.search.report import FIGURES, is_mse_only, param_importances
@@ -91,14 +91,14 @@ def test_trials_leave_their_predictions_in_the_last_checkpoint(smoke):
         state = torch.load(last / "state.pt", weights_only=True)
         assert state["epoch"] == len(reported) == int(reported[-1]["training_iteration"]), trial_id
         assert [h["composite"] for h in state["history"]] == pytest.approx([r["composite"] for r in reported])
-        arrays = plots.load_predictions(last / plots.PREDICTIONS_NPZ)
+        arrays = artifacts.load_predictions(last / artifacts.PREDICTIONS_NPZ)
         assert int(arrays["epoch"]) == state["epoch"]
-        assert set(plots.PRED_KEYS) <= set(arrays)
-        shapes = {arrays[k].shape for k in plots.PRED_KEYS}
-        assert len(shapes) == 1 and next(iter(shapes))[0] == plots.NUM_SAMPLES
-        assert all(0 <= arrays[k].min() and arrays[k].max() <= 1 for k in plots.PRED_KEYS)
-        _valid_png(last / plots.PREDICTIONS_PNG)
-        config = yaml.safe_load((last / plots.TRIAL_CONFIG).read_text())
+        assert set(artifacts.PRED_KEYS) <= set(arrays)
+        shapes = {arrays[k].shape for k in artifacts.PRED_KEYS}
+        assert len(shapes) == 1 and next(iter(shapes))[0] == artifacts.NUM_SAMPLES
+        assert all(0 <= arrays[k].min() and arrays[k].max() <= 1 for k in artifacts.PRED_KEYS)
+        _valid_png(last / artifacts.PREDICTIONS_PNG)
+        config = yaml.safe_load((last / artifacts.TRIAL_CONFIG).read_text())
         assert config["task"] == "microstructure" and "gradient_weight" in config
 
 
@@ -122,7 +122,7 @@ def test_child_runs_carry_predictions_png_and_config(smoke):
         thumb = Path(client.download_artifacts(child.info.run_id, pngs[-1][:-4] + "+compressed.webp",
                                                str(smoke.tmp / child.info.run_id)))
         with Image.open(thumb) as image:
-            assert image.format == "WEBP" and max(image.size) == plots.THUMB_SIZE
+            assert image.format == "WEBP" and max(image.size) == artifacts.THUMB_SIZE
         local = Path(client.download_artifacts(child.info.run_id, "config.yaml", str(smoke.tmp / child.info.run_id)))
         cfg = yaml.safe_load(local.read_text())
         assert float(cfg["gradient_weight"]) == pytest.approx(float(child.data.params["gradient_weight"]))
@@ -188,7 +188,7 @@ def test_report_recomputes_predictions_of_older_sweeps(smoke, tmp_path):
     from losstune.search.report import build_report
     moved = []
     try:
-        for npz in smoke.dir.glob(f"trial_*/checkpoint_*/{plots.PREDICTIONS_NPZ}"):
+        for npz in smoke.dir.glob(f"trial_*/checkpoint_*/{artifacts.PREDICTIONS_NPZ}"):
             npz.rename(npz.with_suffix(".hidden"))
             moved.append(npz)
         assert moved
@@ -255,8 +255,8 @@ def test_mse_only_and_gradient_difference():
 def test_prediction_grid_handles_grey_and_rgb(tmp_path):
     rng = np.random.default_rng(0)
     for c in (1, 3):
-        arrays = {k: rng.random((2, c, 10, 12), dtype=np.float32) for k in plots.PRED_KEYS}
-        grid = plots.prediction_grid(arrays, title="t")
+        arrays = {k: rng.random((2, c, 10, 12), dtype=np.float32) for k in artifacts.PRED_KEYS}
+        grid = artifacts.prediction_grid(arrays, title="t")
         assert grid.mode == "RGB" and grid.size[0] > 4 * 64 and grid.size[1] > 2 * 50
 
 

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import doctest
 from types import SimpleNamespace
 
 import pytest
 
-from losstune.search import status as status_module
 from losstune.search.progress import classify
 from losstune.search.status import TrialStatus
 from losstune.search.trials import status_from_results
-
-
-def test_docstring_examples_run():
-    failures, tried = doctest.testmod(status_module, verbose=False)
-    assert tried >= 3 and failures == 0
 
 
 @pytest.mark.parametrize("last, expected", [

@@ -266,7 +266,7 @@ def test_tracking_callback_logs_the_image_series_as_mlflow_does(tmp_path, mlflow
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from losstune.search import plots
+    from losstune.search import artifacts
     from losstune.search.tracking import SweepTracker, TrackingCallback
 
     tracker = SweepTracker(mlflow_uri, "imgtest")
@@ -281,10 +281,10 @@ def test_tracking_callback_logs_the_image_series_as_mlflow_does(tmp_path, mlflow
         for epoch in (1, 2):
             ckpt = tmp_path / f"{name}{epoch}"
             ckpt.mkdir()
-            grid.save(ckpt / plots.PREDICTIONS_PNG, compress_level=1)
-            pngs[(name, epoch)] = (ckpt / plots.PREDICTIONS_PNG).read_bytes()
+            grid.save(ckpt / artifacts.PREDICTIONS_PNG, compress_level=1)
+            pngs[(name, epoch)] = (ckpt / artifacts.PREDICTIONS_PNG).read_bytes()
             if with_thumb:
-                plots.save_thumbnail(grid, ckpt / plots.PREDICTIONS_THUMB)
+                artifacts.save_thumbnail(grid, ckpt / artifacts.PREDICTIONS_THUMB)
             trial.last_result = {"training_iteration": epoch, "epoch": float(epoch), "composite": 0.5}
             cb.on_trial_result(0, [trial], trial, trial.last_result)
             cb.on_checkpoint(0, [trial], trial, SimpleNamespace(path=str(ckpt)))

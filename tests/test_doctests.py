@@ -1,0 +1,29 @@
+"""The runnable examples in the docstrings: every module of losses/, the search space, the loss-term
+registry, the trial-status vocabulary and the number formats. An example that no longer runs fails here."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import losstune.losses
+
+MODULES = sorted([f"losstune.losses.{m.name}" for m in pkgutil.iter_modules(losstune.losses.__path__)] + [
+    "losstune.search.space", "losstune.search.status", "losstune.search.formatting", "losstune.trainables.terms"])
+# the modules whose public functions must show an example
+WITH_EXAMPLES = {"losstune.losses.pixel", "losstune.losses.gradient", "losstune.losses.intensity",
+                 "losstune.losses.weighting", "losstune.losses.diffusion", "losstune.losses.perceptual",
+                 "losstune.losses.combined", "losstune.search.space", "losstune.search.status",
+                 "losstune.search.formatting", "losstune.trainables.terms"}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
+    if name in WITH_EXAMPLES:
+        assert result.attempted > 0, f"{name}: no runnable example"
