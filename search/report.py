@@ -125,12 +125,12 @@ def run_predictions(results: SweepResults, run_path: str | None) -> tuple[dict[s
         return None, "no run folder"
     fs = _fs_for(results)
     for ckpt in _checkpoints(fs, run_path):
-        data = _read_bytes(fs, f"{ckpt}/{plots.PREDICTIONS_NPZ}")
+        data = _read_bytes(fs, f"{ckpt}/{artifacts.PREDICTIONS_NPZ}")
         if data is not None:
             try:
-                return plots.load_predictions(io.BytesIO(data)), f"{ckpt}/{plots.PREDICTIONS_NPZ}"
+                return artifacts.load_predictions(io.BytesIO(data)), f"{ckpt}/{artifacts.PREDICTIONS_NPZ}"
             except (OSError, ValueError) as err:
-                logger.warning("%s/%s unreadable: %s", ckpt, plots.PREDICTIONS_NPZ, err)
+                logger.warning("%s/%s unreadable: %s", ckpt, artifacts.PREDICTIONS_NPZ, err)
     return None, "no predictions.npz in its checkpoints"
 
 
