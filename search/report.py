@@ -435,8 +435,9 @@ class _Builder:
     def verification(self, sec: Section) -> None:
         s = self.summary
         if s is None:
-            sec.notes.append("Not verified: nothing says yet whether the best loss weights beat pixel-only at the "
-                             f"same lr or are a lucky seed. Run: losstune verify {self.results.sweep_dir}")
+            sec.text = ("Not verified: nothing says yet whether the best loss weights beat pixel-only at the same lr "
+                        "or are a lucky seed. Run: <code>losstune verify "
+                        f"{html.escape(str(self.results.sweep_dir))}</code>")
             return
         objective = s["objective"]
         metrics = [m for m in s["metrics"] if not is_loss_value(m)]
