@@ -85,7 +85,8 @@ def test_sweep_verifies_its_winners(verified, mlflow_runs):
     assert all(r.info.status == "FINISHED" and "composite" in r.data.metrics for r in verify)
     arms = sorted(r.data.params["verify.arm"] for r in verify)
     assert arms == ["baseline"] * 2 + ["tuned"] * 2
-    assert all(float(r.data.params["gradient_weight"]) == 0.0 for r in verify if r.data.params["verify.arm"] == "baseline")
+    assert all(float(r.data.params["gradient_weight"]) == 0.0
+               for r in verify if r.data.params["verify.arm"] == "baseline")
     assert parent.data.tags["losstune.verdict"] == verdict.strip()
 
     # best.yaml: the best verified mean objective, with its verification block
