@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-train the top configs and their matched baselines on fresh seeds",
                        description="Verify a sweep's winners: the top-k configs and their matched baselines "
                                    "(every shaping loss weight 0, same lr / warm-up / model / epochs) train on N "
-                                   "fresh seeds; means, 95%% intervals and paired differences go to "
+                                   "fresh seeds; means, 95 % intervals and paired differences go to "
                                    "RESULTS_DIR/verify/ with a verdict, best.yaml becomes the best verified "
                                    "config. Re-runnable: finished runs are reused (more seeds, more configs, "
                                    "after a Ctrl-C).")

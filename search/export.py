@@ -21,6 +21,7 @@ import yaml
 from losstune.search import space as sp
 from losstune.search.trials import ResultsError, SweepResults, load_results
 from losstune.search.verify import read_summary
+from losstune.search.verify_verdict import is_loss_value
 from losstune.trainables.config import ConfigError, parse_train_config
 
 REPORTED = ("composite", "ssim", "mse", "psnr", "gradient_match", "sharpness_ratio", "histogram_distance",
@@ -55,8 +56,9 @@ def verification_block(summary: dict[str, Any] | None, trial_id: str) -> dict[st
     if config is None:
         return "none"
 
-    def numbers(per_metric: dict[str, Any]) -> dict[str, Any]:
-        return {m: {k: _rounded(d.get(k)) for k in ("mean", "low", "high")} for m, d in per_metric.items()}
+    def numbers(per_metric: dict[str, Any]) -> dict[str, Any]:  # loss values differ by construction: left out
+        return {m: {k: _rounded(d.get(k)) for k in ("mean", "low", "high")} for m, d in per_metric.items()
+                if not is_loss_value(m)}
 
     return {
         "seeds": list(config["seeds"]),

@@ -429,15 +429,16 @@ class _Builder:
     def verification(self, sec: Section) -> None:
         s = self.summary
         if s is None:
-            sec.notes.append("Not verified: nothing says yet whether the best loss weights beat pixel-only at the "
-                             f"same lr or are a lucky seed. Run: losstune verify {self.results.sweep_dir}")
+            sec.text = ("Not verified: nothing says yet whether the best loss weights beat pixel-only at the same lr "
+                        "or are a lucky seed. Run: <code>losstune verify "
+                        f"{html.escape(str(self.results.sweep_dir))}</code>")
             return
         objective = s["objective"]
         metrics = [m for m in s["metrics"] if not is_loss_value(m)]
         sec.text = (f"The top {len(s['configs'])} configs and their matched baselines (same config, every shaping "
                     f"weight 0: same lr, warm-up, model) re-trained on {len(s['seeds'])} fresh seeds "
-                    f"({', '.join(map(str, s['seeds']))}) for {s.get('epochs')} epochs. Mean [95 % t-interval] over the "
-                    "seeds; the difference is paired by seed (config − baseline). Verdict:<br>"
+                    f"({', '.join(map(str, s['seeds']))}) for {s.get('epochs')} epochs. Mean [95 % t-interval] "
+                    "over the seeds; the difference is paired by seed (config − baseline). Verdict:<br>"
                     + "<br>".join(html.escape(line) for line in s.get("verdict", "").splitlines()))
         head = ("<tr><th>trial</th><th>metric</th><th>config</th><th>matched baseline</th>"
                 "<th>difference (paired)</th><th>mean rank</th></tr>")
@@ -555,8 +556,9 @@ class _Builder:
                          f"{html.escape(_short(best, self.params, len(self.params)))}. "
                          f"Train it: <code>losstune train {html.escape(str(r.sweep_dir / 'best.yaml'))}</code></p>")
         if self.summary is not None:
+            headline = (self.summary.get("verdict") or "").splitlines()[:1]
             parts.append(f"<p><b>Verified</b> (best.yaml is the best verified config): "
-                         f"{html.escape(self.summary.get('verdict', '').splitlines()[0] if self.summary.get('verdict') else '')}. "
+                         f"{html.escape(headline[0] if headline else '')}. "
                          "See <a href='#verification'>Verification</a>.</p>")
         for sec in self.sections:
             parts.append(f'<h2 id="{sec.key}">{html.escape(sec.title)}</h2>')

@@ -4,8 +4,9 @@ The runs train through :func:`search.trainable.make_trainable` (the sweep's trai
 cluster, checkpointing and fault tolerance). Each ``losstune verify`` call that has runs to train starts a
 new Tune experiment, ``<tune_dir>/verify/round_<n>``, holding only the runs no earlier round finished. A
 round stopped by Ctrl-C or a killed driver is continued by the next call like a sweep's ``--resume``:
-Tune restores it, its runs go on from their last checkpoints in the same MLflow child runs. Each run is an MLflow child run of the sweep's parent run tagged
-``stage: verify``; its trial folder is ``<key>_<trial id>`` (the key is the run's config hash and seed).
+Tune restores it, its runs go on from their last checkpoints in the same MLflow child runs. Each run is an
+MLflow child run of the sweep's parent run tagged ``stage: verify``; its trial folder is ``<key>_<trial id>``
+(the key is the run's config hash and seed).
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def paired_difference(tuned: Iterable[float], baseline: Iterable[float],
     return _interval((a - b).mean(), ci, len(pairs))
 
 
-def ranks_per_seed(values: Mapping[str, Mapping[int, float]], higher_is_better: bool = True) -> dict[str, dict[int, float]]:
+def ranks_per_seed(values: Mapping[str, Mapping[int, float]],
+                   higher_is_better: bool = True) -> dict[str, dict[int, float]]:
     """``{config: {seed: objective}}`` -> ``{config: {seed: rank}}``; rank 1 is the best of that seed, ties share
     the better rank (``scipy.stats.rankdata(method="min")``); a config without a finite value on a seed gets none."""
     seeds = sorted({s for per_seed in values.values() for s in per_seed})

@@ -1,6 +1,7 @@
 """Verification end to end: a real small sweep (real Ray, Optuna, MLflow on sqlite) whose ``verify:`` section
-re-trains the top configs and their matched baselines on fresh seeds, then ``losstune verify`` extends it
-with a seed, reusing every finished run. Plug-in denoising task (tests/plugin_task.py), 16 px, 1 epoch.
+re-trains the best config and its matched baseline on 2 fresh seeds, then ``losstune verify --top-k 2`` adds the
+runner-up, reusing every finished run, through a Ctrl-C. Plug-in denoising task (tests/plugin_task.py), 16 px,
+1 epoch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SWEEP = {
     "objective": {"type": "composite"},
     "resources": {"cpu": 1, "gpu": 0},
     "mlflow": {"experiment": "losstune-verify"},
-    "verify": {"top_k": 2, "seeds": 2},
+    "verify": {"top_k": 1, "seeds": 2},
 }
 
 
@@ -44,7 +45,7 @@ def _verify_runs(runs, parent_id):
 
 @pytest.fixture(scope="module")
 def verified(tmp_path_factory, ray_local):
-    """A finished sweep whose verify: section ran (top 2 configs x 2 seeds x 2 arms)."""
+    """A finished sweep whose verify: section ran (the top config x 2 seeds x 2 arms)."""
     import contextlib
     import io
     tmp_path = tmp_path_factory.mktemp("verified")
@@ -68,7 +69,7 @@ def test_sweep_verifies_its_winners(verified, mlflow_runs):
     for name in ("summary.json", "verdict.txt", "runs.csv"):
         assert (verify_dir / name).is_file(), name
     summary = json.loads((verify_dir / "summary.json").read_text())
-    assert len(summary["configs"]) == 2 and len(summary["seeds"]) == 2
+    assert len(summary["configs"]) == 1 and len(summary["seeds"]) == 2
     assert not set(summary["seeds"]) & {0}  # the sweep trained with seed 0: the verification never does
     verdict = (verify_dir / "verdict.txt").read_text()
     assert verdict.startswith("verified winner: trial ") and "verification:" in out
@@ -80,11 +81,12 @@ def test_sweep_verifies_its_winners(verified, mlflow_runs):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sum(r.data.tags.get("stage") == "search" for r in children) == 3
     verify = _verify_runs(runs, parent.info.run_id)
-    assert len(verify) == 2 * 2 * 2
+    assert len(verify) == 1 * 2 * 2
     assert all(r.info.status == "FINISHED" and "composite" in r.data.metrics for r in verify)
     arms = sorted(r.data.params["verify.arm"] for r in verify)
-    assert arms == ["baseline"] * 4 + ["tuned"] * 4
-    assert all(float(r.data.params["gradient_weight"]) == 0.0 for r in verify if r.data.params["verify.arm"] == "baseline")
+    assert arms == ["baseline"] * 2 + ["tuned"] * 2
+    assert all(float(r.data.params["gradient_weight"]) == 0.0
+               for r in verify if r.data.params["verify.arm"] == "baseline")
     assert parent.data.tags["losstune.verdict"] == verdict.strip()
 
     # best.yaml: the best verified mean objective, with its verification block
@@ -145,8 +147,8 @@ def _losstune() -> list[str]:
 
 
 def test_ctrl_c_keeps_finished_runs_and_a_rerun_continues(verified, mlflow_runs, capsys):
-    """One more seed (2 configs x 2 arms = 4 new runs): Ctrl-C after the first new run finished; the rerun
-    continues the interrupted round (same MLflow child runs) and only then concludes."""
+    """One more config (the runner-up x 2 seeds x 2 arms = 4 new runs): Ctrl-C after the first new run
+    finished; the rerun continues the interrupted round (same MLflow child runs) and only then concludes."""
     sweep_dir, uri, _ = verified
     summary = json.loads((sweep_dir / "verify" / "summary.json").read_text())
     tests = Path(__file__).resolve().parent
@@ -154,7 +156,7 @@ def test_ctrl_c_keeps_finished_runs_and_a_rerun_continues(verified, mlflow_runs,
     env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent)])
     log = sweep_dir.parent / "ctrl_c.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(_losstune() + ["verify", str(sweep_dir), "--seeds", "3"], stdout=f,
+        proc = subprocess.Popen(_losstune() + ["verify", str(sweep_dir), "--top-k", "2"], stdout=f,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -171,20 +173,19 @@ def test_ctrl_c_keeps_finished_runs_and_a_rerun_continues(verified, mlflow_runs,
     assert proc.returncode == 130, text[-4000:]
     assert "Continue it with: losstune verify" in text and "Traceback" not in text, text[-4000:]
     # the earlier verification stays what it was until the extension is complete
-    assert json.loads((sweep_dir / "verify" / "summary.json").read_text())["seeds"] == summary["seeds"]
+    assert json.loads((sweep_dir / "verify" / "summary.json").read_text()) == summary
 
-    assert main(["verify", str(sweep_dir), "--seeds", "3"]) == 0
+    assert main(["verify", str(sweep_dir), "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     reused = int(re.search(r"; (\d+) runs already finished", out).group(1))
-    assert 8 < reused < 12 and "continuing the interrupted" in out, out  # the 8 old ones + what ended before Ctrl-C
-    summary3 = json.loads((sweep_dir / "verify" / "summary.json").read_text())
-    assert summary3["seeds"][:2] == summary["seeds"] and len(summary3["seeds"]) == 3
+    assert 4 < reused < 8 and "continuing the interrupted" in out, out  # the 4 old ones + what ended before Ctrl-C
+    summary2 = json.loads((sweep_dir / "verify" / "summary.json").read_text())
+    assert summary2["seeds"] == summary["seeds"] and len(summary2["configs"]) == 2
     runs = mlflow_runs(uri, "losstune-verify")
     parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
     verify = _verify_runs(runs, parent_id)
-    assert sum(r.info.status == "FINISHED" for r in verify) == 2 * 3 * 2
-    assert len(verify) == 2 * 3 * 2, [(r.data.params, r.info.status) for r in verify]  # no duplicate child run
-    winner = summary["configs"][0]["trial_id"]
-    again = next(c for c in summary3["configs"] if c["trial_id"] == winner)
-    before = next(c for c in summary["configs"] if c["trial_id"] == winner)
-    assert again["tuned"]["composite"]["values"][:2] == before["tuned"]["composite"]["values"]
+    assert sum(r.info.status == "FINISHED" for r in verify) == 2 * 2 * 2
+    assert len(verify) == 2 * 2 * 2, [(r.data.params, r.info.status) for r in verify]  # no duplicate child run
+    best = summary["configs"][0]
+    again = next(c for c in summary2["configs"] if c["trial_id"] == best["trial_id"])
+    assert again["tuned"]["composite"]["values"] == best["tuned"]["composite"]["values"]  # the same runs, reused

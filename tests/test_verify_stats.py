@@ -72,7 +72,8 @@ def test_summary_matches_hand_computed_numbers():
 
 
 def test_verdict_words_for_worse_and_pixel_only():
-    s = summarize(_records("W", [0.40, 0.50, 0.45], [0.50, 0.61, 0.56]) + _records("P", [0.5, 0.6, 0.7], [0.5, 0.6, 0.7]))
+    s = summarize(_records("W", [0.40, 0.50, 0.45], [0.50, 0.61, 0.56])
+                  + _records("P", [0.5, 0.6, 0.7], [0.5, 0.6, 0.7]))
     by_id = {c["trial_id"]: c for c in s["configs"]}
     worse = config_verdict(by_id["W"], "composite", {"gradient_weight": 0.3})
     assert "make composite worse by -0.1067" in worse and not significant(s, "W")

@@ -3,9 +3,9 @@
 * ``verify_tasks:build`` — reproduce a sharp image (input = target). The primary ``pixel`` term compares 4x4
   averages only, so a blurred copy satisfies it; only the ``gradient`` term (full resolution) tells the model
   about the edges. Its weights must beat pixel-only.
-* ``verify_tasks:build_inert`` — the same images with a full-resolution pixel term; the ``gradient`` term is computed on the
-  detached prediction, so it adds a constant to the loss and never changes a parameter update: the weights
-  and their matched baseline train the same model.
+* ``verify_tasks:build_inert`` — the same images with a full-resolution pixel term; the ``gradient`` term is
+  computed on the detached prediction, so it adds a constant to the loss and never changes a parameter update:
+  the weights and their matched baseline train the same model.
 """
 
 import torch
@@ -36,13 +36,13 @@ def _model() -> nn.Module:
     return conv
 
 
-def _task(config, pixel, gradient) -> Task:
+def _task(name: str, config, pixel, gradient) -> Task:
     size = int(config.data.get("size", 16))
     images = _images(48, size, torch.Generator().manual_seed(config.seed))
     loss = WeightedLoss({"pixel": pixel, "gradient": gradient},
                         {"pixel": config.pixel_weight, "gradient": config.gradient_weight})
     return Task(
-        name="verify-edges",
+        name=name,
         train={"input": images[:36], "target": images[:36]},
         val={"input": images[36:], "target": images[36:]},
         build_model=_model,
@@ -60,10 +60,10 @@ def _coarse_mse(pred, target, **_):
 
 def build(config) -> Task:
     """The pixel term sees 4x4 averages, the gradient term the edges."""
-    return _task(config, _coarse_mse, lambda pred, target, **_: gradient_loss(pred, target))
+    return _task("edges", config, _coarse_mse, lambda pred, target, **_: gradient_loss(pred, target))
 
 
 def build_inert(config) -> Task:
     """``inert``: full-resolution pixel term; a gradient term without any gradient (detached prediction)."""
-    return _task(config, lambda pred, target, **_: mse_loss(pred, target),
+    return _task("inert", config, lambda pred, target, **_: mse_loss(pred, target),
                  lambda pred, target, **_: gradient_loss(pred.detach(), target))
