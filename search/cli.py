@@ -155,10 +155,11 @@ def cmd_sweep(args) -> int:
     except SweepRuntimeError as err:
         _err(str(err))
         return EXIT_RUNTIME
+    verification = getattr(outcome.verification, "status", None)
+    if outcome.status == "interrupted" or verification == "interrupted":
+        return EXIT_INTERRUPTED  # the printed losstune sweep --resume / losstune verify command continues it
     if outcome.status == "finished":
-        return EXIT_OK
-    if outcome.status == "interrupted":
-        return EXIT_INTERRUPTED
+        return EXIT_OK if verification in (None, "verified") else EXIT_RUNTIME
     _err(f"no trial succeeded; see {outcome.sweep_dir}/trials.csv and the trials' error.txt")
     return EXIT_RUNTIME
 
