@@ -229,7 +229,8 @@ def _write_info(sweep_dir: Path, info: dict[str, Any]) -> None:
 def overrides_text(overrides: dict[str, Any]) -> str:
     """KEY=VALUE overrides as one would type them (the MLflow parent run's ``losstune.overrides`` tag)."""
     def text(value: Any) -> str:
-        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip().removesuffix("...").strip()
+        dumped = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+        return dumped.strip().removesuffix("...").strip()
     return " ".join(f"{key}={text(value)}" for key, value in overrides.items())
 
 
