@@ -284,6 +284,7 @@ def test_the_pre_check_honours_mlflows_tls_and_auth_settings(https_server, clean
     (MLFLOW_TRACKING_TOKEN) reach the pre-check, because it asks through MLflow's client."""
     from losstune.search.tracking import TrackingUnavailable, check_tracking
     url, cert = https_server
+    retries_before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     for var in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_TOKEN"):
         clean_env.delenv(var, raising=False)
     with pytest.raises(TrackingUnavailable, match="unreachable: .*(SSL|certificate)"):
@@ -296,7 +297,7 @@ def test_the_pre_check_honours_mlflows_tls_and_auth_settings(https_server, clean
     clean_env.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
     clean_env.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
     check_tracking(url, timeout=3)
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the probe's own settings are undone
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == retries_before  # the probe's own settings undone
 
 
 # ----- a user's project with its own losses/, search/, trainables/ ----------------------------------
