@@ -250,11 +250,8 @@ def choose_name(sweep: Sweep, new_name_if_taken: bool = True, out: Callable[[str
     """
     if not _name_taken(sweep):
         return sweep
-    base, n = sweep.name, 2
-    stem, sep, number = base.rpartition("-")
-    if sep and number.isdigit() and stem:  # quickstart-2 taken: quickstart-3, not quickstart-2-2
-        base, n = stem, int(number) + 1
-    while _name_taken(candidate := sweep.renamed(f"{base}-{n}")):
+    n = 2
+    while _name_taken(candidate := sweep.renamed(f"{sweep.name}-{n}")):
         n += 1
     if not new_name_if_taken:
         raise SweepInputError(f"{sweep.sweep_dir} already exists: continue it with "

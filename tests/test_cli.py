@@ -153,6 +153,16 @@ def test_overrides_are_yaml_typed_and_a_flag_wins(workdir):
     assert load_sweep(SMOKE, sets={"search.num_samples": 3}, overrides={"num_samples": 7}).search.num_samples == 7
 
 
+def test_overrides_may_follow_options(workdir, capsys):
+    assert main(["sweep", str(SMOKE), "--dry-run", "--name", "late", "train.epochs=2", "search.num_samples=3"]) == 0
+    plan = yaml.safe_load(capsys.readouterr().out.split("# plan\n")[1].split("# search space")[0])
+    assert plan["name"] == "late" and plan["trials"]["epochs"] == 2 and plan["trials"]["num_samples"] == 3
+    assert main(["trials", "somewhere", "train.epochs=2"]) == 2  # only sweep takes KEY=VALUE
+    assert "unrecognized arguments: train.epochs=2" in capsys.readouterr().err
+    assert main(["ls", str(workdir / "nothing")]) == 2
+    assert "nothing: no such folder" in capsys.readouterr().err
+
+
 def test_dry_run_validates_prints_the_plan_and_leaves_nothing(workdir, capsys):
     import ray
     ray_before = ray.is_initialized()
