@@ -274,6 +274,9 @@ def _free_port() -> int:
 @pytest.fixture
 def https_server(tmp_path):
     """An HTTPS server on 127.0.0.1 with a self-signed certificate: ``(url, cert_path)``."""
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
