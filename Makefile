@@ -4,6 +4,7 @@
 setup:
 	bash scripts/setup.sh
 
+# every run is a new sweep: results/quickstart, then quickstart-2, ... (losstune ls lists them)
 demo: setup
 	.venv/bin/losstune sweep configs/quickstart.yaml
 

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override device (auto, cpu, cuda, cuda:N, mps)")
     p.add_argument("--out", help="output folder (default: <sweep folder>/final or results/<name>/final)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's, else $MLFLOW_TRACKING_URI)")
-    p.add_argument("--experiment", help="MLflow experiment (default: the sweep's, else losstune)")
+    p.add_argument("--experiment",
+                   help="MLflow experiment (default: the sweep's, else $MLFLOW_EXPERIMENT_NAME, else losstune)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training in --out from its last saved epoch (same config)")

@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from losstune.search.config import SweepConfigError, check_tracking_uri, read_yaml, resolve_tracking_uri
+from losstune.search.config import (SweepConfigError, check_tracking_uri, read_yaml, resolve_experiment,
+                                    resolve_tracking_uri)
 from losstune.search.interrupts import first_ctrl_c_sets_event
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
@@ -177,7 +178,7 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
         except Exception as err:  # noqa: BLE001 - a damaged or foreign state file
             raise FinalInputError(f"--resume: cannot load {out_dir / STATE_FILE}: "
                                   f"{type(err).__name__}: {err}") from None
-    experiment = experiment or prov_mlflow.get("experiment") or "losstune"
+    experiment = resolve_experiment(experiment or prov_mlflow.get("experiment"))  # then $MLFLOW_EXPERIMENT_NAME
     client, run_id = (_reopen_run(uri, saved.get("mlflow_run_id"), trainer.history, echo) if resume else (None, None))
     if run_id is None:
         client, run_id = _start_run(uri, experiment, config, provenance, path, echo)

@@ -231,7 +231,8 @@ def _write_info(sweep_dir: Path, info: dict[str, Any]) -> None:
 def overrides_text(overrides: dict[str, Any]) -> str:
     """KEY=VALUE overrides as one would type them (the MLflow parent run's ``losstune.overrides`` tag)."""
     def text(value: Any) -> str:
-        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip().removesuffix("...").strip()
+        dumped = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+        return dumped.strip().removesuffix("...").strip()
     return " ".join(f"{key}={text(value)}" for key, value in overrides.items())
 
 
@@ -251,11 +252,8 @@ def choose_name(sweep: Sweep, new_name_if_taken: bool = True, out: Callable[[str
     """
     if not _name_taken(sweep):
         return sweep
-    base, n = sweep.name, 2
-    stem, sep, number = base.rpartition("-")
-    if sep and number.isdigit() and stem:  # quickstart-2 taken: quickstart-3, not quickstart-2-2
-        base, n = stem, int(number) + 1
-    while _name_taken(candidate := sweep.renamed(f"{base}-{n}")):
+    n = 2
+    while _name_taken(candidate := sweep.renamed(f"{sweep.name}-{n}")):
         n += 1
     if not new_name_if_taken:
         raise SweepInputError(f"{sweep.sweep_dir} already exists: continue it with "

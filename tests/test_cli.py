@@ -153,6 +153,16 @@ def test_overrides_are_yaml_typed_and_a_flag_wins(workdir):
     assert load_sweep(SMOKE, sets={"search.num_samples": 3}, overrides={"num_samples": 7}).search.num_samples == 7
 
 
+def test_overrides_may_follow_options(workdir, capsys):
+    assert main(["sweep", str(SMOKE), "--dry-run", "--name", "late", "train.epochs=2", "search.num_samples=3"]) == 0
+    plan = yaml.safe_load(capsys.readouterr().out.split("# plan\n")[1].split("# search space")[0])
+    assert plan["name"] == "late" and plan["trials"]["epochs"] == 2 and plan["trials"]["num_samples"] == 3
+    assert main(["trials", "somewhere", "train.epochs=2"]) == 2  # only sweep takes KEY=VALUE
+    assert "unrecognized arguments: train.epochs=2" in capsys.readouterr().err
+    assert main(["ls", str(workdir / "nothing")]) == 2
+    assert "nothing: no such folder" in capsys.readouterr().err
+
+
 def test_dry_run_validates_prints_the_plan_and_leaves_nothing(workdir, capsys):
     import ray
     ray_before = ray.is_initialized()
@@ -264,6 +274,9 @@ def _free_port() -> int:
 @pytest.fixture
 def https_server(tmp_path):
     """An HTTPS server on 127.0.0.1 with a self-signed certificate: ``(url, cert_path)``."""
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a self-signed certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
@@ -284,6 +297,7 @@ def test_the_pre_check_honours_mlflows_tls_and_auth_settings(https_server, clean
     (MLFLOW_TRACKING_TOKEN) reach the pre-check, because it asks through MLflow's client."""
     from losstune.search.tracking import TrackingUnavailable, check_tracking
     url, cert = https_server
+    retries_before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     for var in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_TOKEN"):
         clean_env.delenv(var, raising=False)
     with pytest.raises(TrackingUnavailable, match="unreachable: .*(SSL|certificate)"):
@@ -296,7 +310,7 @@ def test_the_pre_check_honours_mlflows_tls_and_auth_settings(https_server, clean
     clean_env.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
     clean_env.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
     check_tracking(url, timeout=3)
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the probe's own settings are undone
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == retries_before  # the probe's own settings undone
 
 
 # ----- a user's project with its own losses/, search/, trainables/ ----------------------------------

@@ -220,7 +220,7 @@ def started_processes():
     def start(cmd, env, log: Path) -> subprocess.Popen:
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    cwd=log.parent, start_new_session=True)  # (mlflow server writes ./mlartifacts)
         procs.append(proc)
         return proc
 

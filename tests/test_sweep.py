@@ -131,9 +131,10 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_r
     assert final.info.status == "FINISHED"
     assert "composite" in final.data.metrics and final.data.params["epochs"] == "1"
 
-    # the same sweep again without --resume: refused, nothing clobbered
-    rc, _, _ = _sweep(tmp_path, SMOKE, "smoke")
-    assert rc == 2 and (sweep_dir / "best.yaml").is_file()
+    # the same --name again without --resume: refused, nothing clobbered (without --name the sweep would
+    # run as smoke-2: tests/test_cli.py)
+    rc, _, _ = _sweep(tmp_path, SMOKE, "smoke", "--name", "smoke")
+    assert rc == 2 and (sweep_dir / "best.yaml").is_file() and not (sweep_dir.parent / "smoke-2").exists()
 
 
 def test_asha_stops_bad_trials_early(tmp_path, ray_local, clean_env, capsys, mlflow_runs):
