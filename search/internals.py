@@ -2,8 +2,9 @@
 
 losstune relies on a few things these libraries do not promise: the attributes of Ray's
 ``OptunaSearch`` that map Tune trials to Optuna trials, the storage behind an Optuna study, the
-folder of the local Ray node's session, and the name of the logger Ray's token-authentication
-notice comes from. Each assumption has its own test in tests/test_internals.py, so a Ray or Optuna
+folder of the local Ray node's session, the name of the logger Ray's token-authentication
+notice comes from, and Ray's GCS client, the one way to ask a cluster whether it accepts this
+driver's token without ``ray.init``. Each assumption has its own test in tests/test_internals.py, so a Ray or Optuna
 upgrade that changes one fails there, and only there (pyproject.toml caps both versions for this).
 """
 
@@ -42,3 +43,20 @@ def ray_session_root() -> Path | None:
     if node is None:
         return None
     return Path(node.get_session_dir_path()).parent
+
+
+# A script (run as ``python -c RAY_AUTH_PROBE ADDRESS``) that asks the cluster's GCS for one key with Ray's
+# private GcsClient; exit 3: the cluster refused this process's (missing or wrong) token, 0: anything else.
+# A separate process, so that Ray's C++ warning line about a refused token stays out of the driver's output.
+RAY_AUTH_PROBE = r"""
+import sys
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"session_name", namespace=b"session", timeout=10)
+except AuthenticationError:
+    sys.exit(3)
+except Exception:
+    sys.exit(0)  # any other trouble: ray.init reports it
+"""
+RAY_AUTH_REFUSED = 3  # RAY_AUTH_PROBE's exit status when the cluster refused the token

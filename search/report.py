@@ -124,14 +124,20 @@ def run_predictions(results: SweepResults, run_path: str | None) -> tuple[dict[s
     if not run_path:
         return None, "no run folder"
     fs = _fs_for(results)
-    for ckpt in _checkpoints(fs, run_path):
+    found = _newest_predictions(fs, _checkpoints(fs, run_path))
+    return found if found is not None else (None, "no predictions.npz in its checkpoints")
+
+
+def _newest_predictions(fs, ckpts: list[str]) -> tuple[dict[str, np.ndarray], str] | None:
+    """(arrays, where) of the newest readable ``predictions.npz`` among ``ckpts`` (newest first), or None."""
+    for ckpt in ckpts:
         data = _read_bytes(fs, f"{ckpt}/{artifacts.PREDICTIONS_NPZ}")
         if data is not None:
             try:
                 return artifacts.load_predictions(io.BytesIO(data)), f"{ckpt}/{artifacts.PREDICTIONS_NPZ}"
             except (OSError, ValueError) as err:
                 logger.warning("%s/%s unreadable: %s", ckpt, artifacts.PREDICTIONS_NPZ, err)
-    return None, "no predictions.npz in its checkpoints"
+    return None
 
 
 def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = True
@@ -145,13 +151,9 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
     ckpts = _checkpoints(fs, path)
     if not ckpts:
         return None, "no checkpoint"
-    for ckpt in ckpts:
-        data = _read_bytes(fs, f"{ckpt}/{artifacts.PREDICTIONS_NPZ}")
-        if data is not None:
-            try:
-                return artifacts.load_predictions(io.BytesIO(data)), f"{ckpt}/{artifacts.PREDICTIONS_NPZ}"
-            except (OSError, ValueError) as err:
-                logger.warning("%s/%s unreadable: %s", ckpt, artifacts.PREDICTIONS_NPZ, err)
+    found = _newest_predictions(fs, ckpts)
+    if found is not None:
+        return found
     if not recompute:
         return None, "no predictions.npz in its checkpoints"
     # an older sweep: rebuild the model from the newest checkpoint's state.pt

@@ -36,7 +36,7 @@ import yaml
 from losstune.search import space as sp
 from losstune.search.config import Sweep, SweepConfigError, load_sweep
 from losstune.search.interrupts import first_ctrl_c_sets_event
-from losstune.search.internals import RAY_TOKEN_AUTH_LOGGER, ray_session_root
+from losstune.search.internals import RAY_AUTH_PROBE, RAY_AUTH_REFUSED, RAY_TOKEN_AUTH_LOGGER, ray_session_root
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import (ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
@@ -105,20 +105,6 @@ def probe_address(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {address} ({err})") from None
 
 
-# Asks the cluster's GCS for one key, in a separate process so that Ray's C++ warning line about a refused
-# token stays out of the driver's output; exit 3: the cluster refused this driver's (missing or wrong) token.
-_AUTH_PROBE = r"""
-import sys
-from ray._raylet import GcsClient
-from ray.exceptions import AuthenticationError
-try:
-    GcsClient(address=sys.argv[1]).internal_kv_get(b"session_name", namespace=b"session", timeout=10)
-except AuthenticationError:
-    sys.exit(3)
-except Exception:
-    sys.exit(0)  # any other trouble: ray.init reports it
-"""
-
 RAY_TOKEN_HINT = ("set RAY_AUTH_MODE=token and the cluster's token: RAY_AUTH_TOKEN=<`ray get-auth-token` on the "
                   "head> (or RAY_AUTH_TOKEN_PATH=<a file holding it>)")
 
@@ -134,11 +120,11 @@ def check_ray_token(address: str, timeout: float = 30.0) -> None:
     if "://" in address or address == "auto":
         return  # the Ray client (ray://) authenticates differently; "auto" is a local cluster
     try:
-        proc = subprocess.run([sys.executable, "-c", _AUTH_PROBE, address], stdin=subprocess.DEVNULL,
+        proc = subprocess.run([sys.executable, "-c", RAY_AUTH_PROBE, address], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return
-    if proc.returncode == 3:
+    if proc.returncode == RAY_AUTH_REFUSED:
         given = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
         why = "refused this driver's token" if given else "uses token authentication"
         raise RayTokenRefused(f"the cluster at {address} {why}: {RAY_TOKEN_HINT}")
@@ -611,7 +597,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
         out(f"[losstune] {warning}")
     t0 = time.perf_counter()
     _stop_if_requested(ctrl_c)  # from here on Tune handles Ctrl-C (and saves its state)
-    with _no_tensorboard_logger(), _without_ray_notices(_TUNE_RESTORE_HINT, _NO_RESULTS_YET):
+    with no_tensorboard_logger(), _without_ray_notices(_TUNE_RESTORE_HINT, _NO_RESULTS_YET):
         grid = tuner.fit()
     out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")
     return grid, callback
@@ -635,7 +621,7 @@ def _settle_lost_trials(sweep: Sweep, sweep_dir: Path, tune_dir: str, storage_ur
 
 
 @contextlib.contextmanager
-def _no_tensorboard_logger():
+def no_tensorboard_logger():
     """Tune adds CSV, JSON and TensorBoard loggers unless told not to; losstune passes the two it reads
     (progress.csv, result.json) itself, and the TensorBoard one would only cost driver CPU."""
     key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"

@@ -18,7 +18,6 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-from unittest import mock
 
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import STAGE_TAG, numeric_metrics, read_runs_file
@@ -189,8 +188,8 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
                            JsonLoggerCallback()], verbose=0))
         out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
     interrupted, errors = False, 0
-    # losstune passes the two loggers it reads; Tune's TensorBoard logger would only cost driver CPU
-    with mock.patch.dict(os.environ, {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
+    from losstune.search.runner import no_tensorboard_logger
+    with no_tensorboard_logger():
         try:
             errors = len(tuner.fit().errors)
         except KeyboardInterrupt:

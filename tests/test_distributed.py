@@ -277,7 +277,9 @@ def test_the_documented_cluster_path_with_token_authentication(tmp_path, started
                                  with_token, tmp_path / "head.log")
         mlflow = started_processes([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
                                     f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port",
-                                    str(mlflow_port), "--workers", "1"], base, tmp_path / "mlflow.log")
+                                    str(mlflow_port), "--workers", "1"],
+                                   dict(base, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),  # no job consumers
+                                   tmp_path / "mlflow.log")
         _wait_for(lambda: _listens(port), 60, "the head node", [head])
         worker = started_processes([str(bin_dir / "ray"), "start", "--block", "--address", f"127.0.0.1:{port}",
                                     "--num-cpus", "1", "--temp-dir", f"{ray_tmp}/w"],

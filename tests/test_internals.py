@@ -72,3 +72,18 @@ def test_token_auth_notice_comes_from_the_named_logger():
     module = importlib.import_module(internals.RAY_TOKEN_AUTH_LOGGER)
     assert module.logger is logging.getLogger(internals.RAY_TOKEN_AUTH_LOGGER)
     assert "Token authentication is enabled" in inspect.getsource(module)
+
+
+def test_gcs_client_probe_tells_an_accepted_from_a_refused_token(ray_local):
+    """``RAY_AUTH_PROBE`` (Ray's private GcsClient): 0 for this machine's token, 3 for a wrong one."""
+    import os
+
+    address = ray_local.get_runtime_context().gcs_address
+    token_on = os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled"
+    ok = subprocess.run([sys.executable, "-c", internals.RAY_AUTH_PROBE, address], timeout=60)
+    assert ok.returncode == 0
+    if token_on:  # a local cluster of Ray 2.60 has token authentication on unless it was turned off
+        env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32)
+        refused = subprocess.run([sys.executable, "-c", internals.RAY_AUTH_PROBE, address], env=env, timeout=60,
+                                 stderr=subprocess.DEVNULL)
+        assert refused.returncode == internals.RAY_AUTH_REFUSED
