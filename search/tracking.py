@@ -54,6 +54,8 @@ TUNE_KEYS = {
     "experiment_id", "experiment_tag", "config", "should_checkpoint", "checkpoint_dir_name", "warmup_time",
 }
 STAGE_TAG = "stage"  # every child run: "search" (a sweep trial) or "verify" (a verification run)
+# numbers a trial reports with every result that describe its data, not its progress: also child-run params
+DATA_PARAMS = ("num_val",)  # the validation samples the trial's metrics average over
 MAX_ENTITIES = 1000  # MLflow's log_batch limit (metrics + params + tags)
 MAX_PARAMS = 100
 PARAM_LEN = 500
@@ -331,7 +333,8 @@ def _thumbnail_of(png: bytes) -> bytes:
 
 class _TrialState:
     __slots__ = ("trial_id", "run_id", "params", "name", "metrics", "tags", "end", "started", "reopen", "node_ip",
-                 "node_id", "restarts", "images", "images_tagged", "files", "config_logged")
+                 "node_id", "restarts", "images", "images_tagged", "files", "config_logged", "data_params",
+                 "data_params_logged")
 
     def __init__(self, trial_id: str):
         self.trial_id = trial_id
@@ -350,6 +353,8 @@ class _TrialState:
         self.images_tagged = False
         self.files: dict[str, bytes] = {}          # the newest predictions.png / config.yaml of the trial
         self.config_logged = False
+        self.data_params: dict[str, int] = {}      # DATA_PARAMS read from a result, not yet logged
+        self.data_params_logged: set[str] = set()
 
 
 class TrackingCallback(tune.Callback):
@@ -627,6 +632,9 @@ class TrackingCallback(tune.Callback):
             if node_id and node_id != state.node_id:
                 state.node_id = node_id
                 state.tags["losstune.node_id"] = str(node_id)
+            for key in DATA_PARAMS:
+                if key in metrics and key not in state.data_params_logged:
+                    state.data_params[key] = int(metrics[key])
             entry["epochs"] = max(int(entry.get("epochs") or 0), step)
             for k in ("composite", "ssim", "mse", "gradient_match"):
                 if k in metrics:
@@ -653,7 +661,7 @@ class TrackingCallback(tune.Callback):
 
     def _pending(self) -> bool:
         # state.files alone is not pending: they are written when the trial ends (state.end)
-        return any(s.metrics or s.tags or s.end or s.images or (s.started and s.run_id is None)
+        return any(s.metrics or s.tags or s.data_params or s.end or s.images or (s.started and s.run_id is None)
                    for s in self._trials.values())
 
     def _save_runs_file(self) -> None:
@@ -698,6 +706,10 @@ class TrackingCallback(tune.Callback):
                     client.update_run(state.run_id, status="RUNNING")
                     client.set_tag(state.run_id, "losstune.status", TrialStatus.RUNNING.value)
                 state.reopen = False
+            if state.data_params:  # the same value on every result of a trial: logged once
+                log_batch_chunked(client, state.run_id, params=[Param(k, str(v)) for k, v in state.data_params.items()])
+                state.data_params_logged.update(state.data_params)
+                state.data_params = {}
             if state.metrics or state.tags:
                 log_batch_chunked(client, state.run_id, metrics=state.metrics,
                                   tags=[RunTag(k, v) for k, v in state.tags.items()])

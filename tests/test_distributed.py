@@ -238,7 +238,7 @@ def started_processes():
             pass
     for proc in procs:
         try:
-            proc.wait(20)
+            proc.wait(5)  # Ray's nodes and the MLflow server end within a second or two on SIGTERM
         except subprocess.TimeoutExpired:
             pass
         try:

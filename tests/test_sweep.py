@@ -75,7 +75,9 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_r
     client = MlflowClient(uri)
     trial_ids = set()
     for child in children:
-        assert set(child.data.params) == {"gradient_weight", "lr", "model.hidden_channels"}
+        # the sampled values, and the size of the validation set the metrics average over
+        assert set(child.data.params) == {"gradient_weight", "lr", "model.hidden_channels", "num_val"}
+        assert int(child.data.params["num_val"]) == child.data.metrics["num_val"] > 0
         assert child.data.params["model.hidden_channels"] in ("[4, 8]", "[8, 8]")
         assert child.data.tags["losstune.task"] == "microstructure"
         assert child.data.tags["losstune.status"] == "finished" and child.info.status == "FINISHED"
