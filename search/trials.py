@@ -113,7 +113,8 @@ def fs_and_path(path: str):
     return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 
-def _read_text(fs, path: str) -> str | None:
+def read_text(fs, path: str) -> str | None:
+    """A file of ``fs`` as text, or None when it is missing or unreadable."""
     try:
         with fs.open_input_stream(path) as f:
             return f.read().decode("utf-8", errors="replace")
@@ -121,7 +122,8 @@ def _read_text(fs, path: str) -> str | None:
         return None
 
 
-def _read_results(text: str | None) -> list[dict[str, Any]]:
+def read_results(text: str | None) -> list[dict[str, Any]]:
+    """The results of a Tune ``result.json`` (one JSON object a line); a line cut short is skipped."""
     rows = []
     for line in (text or "").splitlines():
         line = line.strip()
@@ -179,8 +181,8 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
     for entry in sorted(entries, key=lambda e: e.path):
         if entry.type != pafs.FileType.Directory:
             continue
-        params_text = _read_text(fs, f"{entry.path}/params.json")
-        history = _read_results(_read_text(fs, f"{entry.path}/result.json"))
+        params_text = read_text(fs, f"{entry.path}/params.json")
+        history = read_results(read_text(fs, f"{entry.path}/result.json"))
         if params_text is None and not history:
             continue
         try:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import STAGE_TAG, numeric_metrics, read_runs_file
+from losstune.search.trials import fs_and_path, read_results, read_text
 from losstune.search.verify_plan import PlannedRun
 from losstune.trainables.terms import shaping_weight_names
 
@@ -34,34 +35,9 @@ def tune_root(sweep_dir: Path, info: Mapping[str, Any]) -> str:
     return f"{str(info.get('tune_dir') or sweep_dir).rstrip('/')}/verify"
 
 
-def _fs(root: str):
-    import pyarrow.fs as pafs
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    return pafs.LocalFileSystem(), str(Path(root).resolve())
-
-
-def _read(fs, path: str) -> str | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8", errors="replace")
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _last_result(text: str | None) -> dict[str, Any] | None:
-    last = None
-    for line in (text or "").splitlines():
-        try:
-            last = json.loads(line)
-        except ValueError:  # a line cut short by a crash
-            continue
-    return last
-
-
 def round_names(root: str) -> list[str]:
     import pyarrow.fs as pafs
-    fs, base = _fs(root)
+    fs, base = fs_and_path(root)
     entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     rounds = [e.base_name for e in entries if e.type == pafs.FileType.Directory and ROUND_RE.match(e.base_name)]
     return sorted(rounds, key=lambda n: int(ROUND_RE.match(n).group(1)))
@@ -71,15 +47,15 @@ def finished_runs(root: str, local_root: Path, epochs: int) -> dict[str, dict[st
     """key -> the finished run (all ``epochs`` trained, or diverged): its last epoch's ``metrics``, ``round``,
     ``trial_id``, ``path`` and MLflow ``run_id``. The newest round wins where a key finished twice."""
     import pyarrow.fs as pafs
-    fs, base = _fs(root)
+    fs, base = fs_and_path(root)
     found: dict[str, dict[str, Any]] = {}
     for name in round_names(root):
         runs_file = read_runs_file(local_root / name)
         for entry in fs.get_file_info(pafs.FileSelector(f"{base}/{name}", allow_not_found=True)):
             if entry.type != pafs.FileType.Directory:
                 continue
-            params = _read(fs, f"{entry.path}/params.json")
-            last = _last_result(_read(fs, f"{entry.path}/result.json"))
+            params = read_text(fs, f"{entry.path}/params.json")
+            last = (read_results(read_text(fs, f"{entry.path}/result.json")) or [None])[-1]
             try:
                 key = json.loads(params)["run"] if params else None
             except (ValueError, KeyError, TypeError):
