@@ -117,7 +117,7 @@ def _err(msg: str) -> None:
 def cmd_sweep(args) -> int:
     from losstune.search.config import SweepConfigError, load_sweep, parse_overrides
     from losstune.search.dry_run import describe_plan
-    from losstune.search.runner import SweepInputError, SweepRuntimeError, run_sweep
+    from losstune.search.runner import RESUME_WITH_OVERRIDES, SweepInputError, SweepRuntimeError, run_sweep
     from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE
     if args.num_samples is not None and args.num_samples < 1:
         _err("--num-samples: must be >= 1")
@@ -128,8 +128,7 @@ def cmd_sweep(args) -> int:
     try:
         sets = parse_overrides(args.overrides)
         if args.resume and sets:
-            raise SweepConfigError("KEY=VALUE overrides cannot change a sweep being resumed (--resume continues "
-                                   "it as it was started); start a new sweep with them instead")
+            raise SweepConfigError(RESUME_WITH_OVERRIDES)  # before the saved config is read with them
         if args.resume and config.is_dir():  # losstune sweep --resume results/NAME
             if not (config / SWEEP_FILE).is_file():
                 raise SweepConfigError(f"{config}: not a sweep's results folder (no {SWEEP_FILE}); nothing to resume")

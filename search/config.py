@@ -269,10 +269,6 @@ class Sweep:
             return list(self.objective.metrics), list(self.objective.metrics.values())
         return "composite", "max"
 
-    def resolved_yaml(self) -> str:
-        """The effective sweep config (after CLI overrides) as YAML, for the results dir and MLflow."""
-        return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=None)
-
 
 # ----- tracking URI ---------------------------------------------------------------------------
 def check_tracking_uri(uri: str) -> None:

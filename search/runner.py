@@ -48,6 +48,10 @@ from losstune.search.tune_state import repair as repair_tune_state
 logger = logging.getLogger("losstune")
 
 
+RESUME_WITH_OVERRIDES = ("KEY=VALUE overrides cannot change a sweep being resumed (--resume continues it as "
+                         "it was started); start a new sweep with them instead")
+
+
 class SweepInputError(ValueError):
     """Bad input discovered before anything starts (exit code 2)."""
 
@@ -263,8 +267,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     sweep_dir = sweep.sweep_dir
     info_path = sweep_dir / SWEEP_FILE
     if resume and sweep.overrides:
-        raise SweepInputError("KEY=VALUE overrides cannot change a sweep being resumed (--resume continues it "
-                              "as it was started); start a new sweep with them instead")
+        raise SweepInputError(RESUME_WITH_OVERRIDES)
     if resume:
         if not info_path.is_file():
             raise SweepInputError(f"{sweep_dir}: nothing to resume (no {SWEEP_FILE}); start it without --resume")
