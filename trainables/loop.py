@@ -114,6 +114,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best_composite = -math.inf
         self.objective_region = self._resolve_region()
+        # the evaluation region depends on the validation data alone: computed once, not every epoch
+        self.val_mask = self._val_mask()
         self.mse_ref, self.mse_ref_active = self._baseline_mse()
         if warn_small_val and (warning := small_validation_warning(self.task)):
             _warn_once(warning)
@@ -168,22 +170,31 @@ class Trainer:
         return region
 
     @torch.no_grad()
+    def _val_mask(self) -> torch.Tensor | None:
+        """The task's evaluation region of the whole validation set (N×1×H×W, in batch order), or None."""
+        if self.task.eval_mask is None:
+            return None
+        return torch.cat([self.task.eval_mask(batch) for batch in self._val_batches()])
+
+    @torch.no_grad()
     def _baseline_mse(self) -> tuple[float, float | None]:
         """The trivial baseline's MSE over the whole validation set, and over its evaluation region
         (None without one; the whole-frame value when the region is empty)."""
         sq_sum, count = torch.zeros((), device=self.device), 0
         sq_region, count_region = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        start = 0
         for batch in self._val_batches():
             base, target = self.task.baseline(batch).float(), self.task.target(batch).float()
             sq = (base - target).pow(2)
             sq_sum += sq.sum()
             count += target.numel()
-            if self.task.eval_mask is not None:
-                mask = self.task.eval_mask(batch).float()
+            if self.val_mask is not None:
+                mask = self.val_mask[start:start + sq.shape[0]].to(sq.device).float()
                 sq_region += (sq * mask).sum()
                 count_region += mask.sum() * sq.shape[1]
+            start += sq.shape[0]
         full = float(sq_sum) / count
-        if self.task.eval_mask is None:
+        if self.val_mask is None:
             return full, None
         n = float(count_region)
         return full, (float(sq_region) / n if n > 0 else full)
@@ -226,18 +237,16 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
-        preds, targets, masks, val_loss = [], [], [], torch.zeros((), device=self.device)
+        preds, targets, val_loss = [], [], torch.zeros((), device=self.device)
         for batch in self._val_batches():
             with self._autocast():
                 batch_loss = self.task.training_step(self.model, batch, self.step)[0].float()
                 val_loss += batch_loss * _num_samples(batch)
                 preds.append(self.task.predict(self.model, batch).float())
             targets.append(self.task.target(batch).float())
-            if self.task.eval_mask is not None:
-                masks.append(self.task.eval_mask(batch))
         t0 = time.perf_counter()
         metrics = evaluate_all(torch.cat(preds), torch.cat(targets), mse_ref=self.mse_ref,
-                               weights=self.config.composite_weights, mask=torch.cat(masks) if masks else None,
+                               weights=self.config.composite_weights, mask=self.val_mask,
                                mse_ref_active=self.mse_ref_active, region=self.objective_region)
         metrics["metrics_time_s"] = time.perf_counter() - t0
         metrics["val_loss"] = float(val_loss) / self.task.num_val
