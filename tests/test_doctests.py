@@ -1,5 +1,6 @@
-"""The runnable examples in the docstrings: every module of losses/, the search space, the loss-term
-registry, the trial-status vocabulary and the number formats. An example that no longer runs fails here."""
+"""The runnable examples in the docstrings: every module of losses/, the search space and its parameter
+specs, the loss-term registry, the trial-status vocabulary and the number formats. An example that no
+longer runs fails here."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import pytest
 import losstune.losses
 
 MODULES = sorted([f"losstune.losses.{m.name}" for m in pkgutil.iter_modules(losstune.losses.__path__)] + [
-    "losstune.search.space", "losstune.search.status", "losstune.search.formatting", "losstune.trainables.terms"])
+    "losstune.search.space", "losstune.search.param_specs", "losstune.search.status", "losstune.search.formatting",
+    "losstune.trainables.terms"])
 # the modules whose public functions must show an example
 WITH_EXAMPLES = {"losstune.losses.pixel", "losstune.losses.gradient", "losstune.losses.intensity",
                  "losstune.losses.weighting", "losstune.losses.diffusion", "losstune.losses.perceptual",
-                 "losstune.losses.combined", "losstune.search.space", "losstune.search.status",
-                 "losstune.search.formatting", "losstune.trainables.terms"}
+                 "losstune.losses.combined", "losstune.search.space", "losstune.search.param_specs",
+                 "losstune.search.status", "losstune.search.formatting", "losstune.trainables.terms"}
 
 
 @pytest.mark.parametrize("name", MODULES)
