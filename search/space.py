@@ -26,6 +26,9 @@ import optuna
 from pydantic import ValidationError
 
 from losstune.search.param_specs import PARAM_TYPES, FixedParam, ParamSpec, parse_spec
+# the spec classes under their former names here: Tune's stored state of a sweep started before they moved
+# to param_specs refers to them as losstune.search.space.<class>, and --resume unpickles it
+from losstune.search.param_specs import ChoiceParam, IntParam, LogUniformParam, UniformParam  # noqa: F401
 from losstune.trainables.config import ConfigError, TrainConfig
 from losstune.trainables.terms import loss_terms
 
