@@ -2,13 +2,16 @@
 
 Modules (imported lazily; ``import search`` itself is cheap):
 
-* :mod:`search.config`    sweep YAML -> validated :class:`~search.config.Sweep` (``SweepConfigError`` names file + field)
-* :mod:`search.space`     parameter specs <-> Optuna distributions, dotted paths, encoded choices
+* :mod:`search.config`    sweep YAML -> validated :class:`~search.config.Sweep` (``SweepConfigError`` names the field);
+                          the sections and ``Sweep`` are defined in :mod:`search.config_schema`
+* :mod:`search.space`     the space section -> parameter specs (:mod:`search.param_specs`: Optuna distributions,
+                          encoded choices), dotted paths into the trial's training config
 * :mod:`search.trainable` the Tune function trainable around ``trainables.loop`` (per-epoch report + checkpoint)
 * :mod:`search.runner`    ``run_sweep``: Tuner + OptunaSearch + ASHA, results folder, resume
 * :mod:`search.tracking`  MLflow parent/child runs via a non-blocking ``ray.tune.Callback``
 * :mod:`search.trials`    read a sweep's trials back from disk (table, pareto front)
 * :mod:`search.export`    best trial(s) -> complete training YAML(s) with provenance
 * :mod:`search.final`     ``losstune train``: final training of an exported config
+* :mod:`search.report`    ``losstune report``: data (:mod:`search.report_builder`) -> figures -> HTML template
 * :mod:`search.cli`       the ``losstune`` command
 """
