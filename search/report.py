@@ -4,7 +4,7 @@ Written to ``RESULTS_DIR/report/`` (or ``--out``):
 
     report.html       everything below, images inlined as base64; no external JS/CSS, opens offline
     leaderboard.png   the top trials: loss weights and metrics (also an HTML table in the page)
-    importance.png    Optuna's parameter importance (fANOVA) on the persisted study (optuna.db)
+    importance.png    Optuna's parameter importance (fANOVA) on the persisted study (optuna.journal)
     history.png       the optimisation history (objective per Optuna trial, best so far)
     slice.png         every searched parameter vs the composite score
     pareto.png        pareto sweeps: pairwise panels of the objectives, non-dominated trials highlighted
@@ -42,7 +42,8 @@ import numpy as np
 
 from losstune.search import artifacts, plots
 from losstune.search.formatting import format_value
-from losstune.search.trials import OPTUNA_DB, SweepResults, load_results
+from losstune.search.study import OPTUNA_JOURNAL
+from losstune.search.trials import SweepResults, load_results
 from losstune.trainables.config import ConfigError
 from losstune.trainables.terms import BUILTIN_TERMS, shaping_weight_names
 from losstune.search.verify import read_summary
@@ -174,20 +175,9 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
 
 # ----- the study ------------------------------------------------------------------------------------------
 def load_study(results: SweepResults):
-    """The persisted Optuna study of the sweep (``RESULTS_DIR/optuna.db``); None if there is none."""
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    db = results.sweep_dir / OPTUNA_DB
-    if not db.is_file():
-        return None
-    storage = f"sqlite:///{db}"
-    name = results.info.get("optuna_study") or results.name
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        if len(names) != 1:
-            return None
-        name = names[0]
-    return optuna.load_study(study_name=name, storage=storage)
+    """The persisted Optuna study of the sweep (``search.study``); None if there is none."""
+    from losstune.search import study
+    return study.load_study(results.sweep_dir, results.info.get("optuna_study") or results.name)
 
 
 def objective_names(results: SweepResults, study) -> list[str]:
@@ -343,7 +333,7 @@ class _Builder:
 
     def importance(self, sec: Section, study) -> None:
         if study is None:
-            sec.notes.append(f"No Optuna study found in {self.results.sweep_dir / OPTUNA_DB}.")
+            sec.notes.append(f"No Optuna study found in {self.results.sweep_dir / OPTUNA_JOURNAL}.")
             return
         names = objective_names(self.results, study)
         imps, notes = param_importances(study, names)
