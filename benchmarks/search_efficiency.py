@@ -105,13 +105,14 @@ def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
     from losstune.search import space as sp
     from losstune.search.config import validate_sweep
     from losstune.search.algorithms import make_scheduler, make_searcher
+    from losstune.search.study import open_storage
     from losstune.trainables.loop import Trainer
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="losstune-bench-eff-") as tmp:
         sweep = validate_sweep(sweep_dict(s, sampler, seed, tmp), source="<search_efficiency>",
                                overrides={"results_dir": tmp}, deep=False)
-        searcher = make_searcher(sweep, f"sqlite:///{Path(tmp) / 'optuna.db'}")
+        searcher = make_searcher(sweep, open_storage(tmp))
         scheduler = make_scheduler(sweep)
         scheduler.set_search_properties("composite", "max")
         budget, max_t = s["budget"], sweep.epochs

@@ -58,14 +58,16 @@ class TrialIdOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def make_searcher(sweep: Sweep, storage_url: str):
+def make_searcher(sweep: Sweep, storage: optuna.storages.BaseStorage):
+    """TPE (or the configured sampler) over the sweep's space, its study kept in ``storage``
+    (``search.study.open_storage``), at most ``max_concurrent`` trials in flight."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, mode = sweep.metric_mode()
     searcher = TrialIdOptunaSearch(
         space=sp.distributions(sweep.params), metric=metric, mode=mode,
         points_to_evaluate=[sp.encode_point(sweep.params, p) for p in sweep.points] or None,
         sampler=make_sampler(sweep), study_name=sweep.name,
-        storage=optuna.storages.RDBStorage(storage_url))
+        storage=storage)
     return ConcurrencyLimiter(searcher, max_concurrent=sweep.search.max_concurrent)
 
 
@@ -79,13 +81,13 @@ def make_scheduler(sweep: Sweep):
                          reduction_factor=sch.reduction_factor, brackets=sch.brackets, **extra)
 
 
-def fail_lost_trials(storage_url: str, study_name: str, known_trial_ids: set[str]) -> list[int]:
+def fail_lost_trials(storage: optuna.storages.BaseStorage, study_name: str, known_trial_ids: set[str]) -> list[int]:
     """Mark FAIL the RUNNING Optuna trials of Tune trials that the restored Tune state does not know.
 
     A driver killed between two of Tune's snapshots takes the trials started since the last one with it:
     Tune will not run them again, so their Optuna trials would stay RUNNING forever. Returns their numbers.
     """
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
     lost = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         tune_id = trial.user_attrs.get(TUNE_TRIAL_ATTR)

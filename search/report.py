@@ -4,7 +4,7 @@ Written to ``RESULTS_DIR/report/`` (or ``--out``):
 
     report.html       everything below, images inlined as base64; no external JS/CSS, opens offline
     leaderboard.png   the top trials: loss weights and metrics (also an HTML table in the page)
-    importance.png    Optuna's parameter importance (fANOVA) on the persisted study (optuna.db)
+    importance.png    Optuna's parameter importance (fANOVA) on the persisted study (optuna.journal)
     history.png       the optimisation history (objective per Optuna trial, best so far)
     slice.png         every searched parameter vs the composite score
     pareto.png        pareto sweeps: pairwise panels of the objectives, non-dominated trials highlighted
@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 import jinja2
 
 from losstune.search.formatting import format_value
-from losstune.search.optuna_study import MIN_IMPORTANCE_TRIALS, load_study, objective_names, param_importances
+from losstune.search.report_study import MIN_IMPORTANCE_TRIALS, load_study, objective_names, param_importances
 from losstune.search.predictions import run_predictions, trial_predictions
 from losstune.search.report_builder import METRICS, build_report_data, is_mse_only
 from losstune.search.report_data import ReportData

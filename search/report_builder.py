@@ -1,5 +1,5 @@
 """The report's data (:mod:`search.report_data`) built from a sweep: its results (:mod:`search.trials`),
-its Optuna study (:mod:`search.optuna_study`), the trials' predictions (:mod:`search.predictions`) and the
+its Optuna study (:mod:`search.report_study`), the trials' predictions (:mod:`search.predictions`) and the
 verification summary (``verify/summary.json``), before anything is drawn or written.
 
 Anything that cannot be shown (too few trials for the importance, no MSE-only trial ...) is a note of its
@@ -13,12 +13,13 @@ import logging
 from typing import Any, Callable, Mapping
 
 from losstune.search.formatting import format_value
-from losstune.search.optuna_study import load_study, objective_history, objective_names, param_importances
+from losstune.search.report_study import load_study, objective_history, objective_names, param_importances
 from losstune.search.predictions import run_predictions, trial_predictions
 from losstune.search.report_data import (BestTrial, Curves, Header, History, Importance, Leaderboard,
                                          LeaderboardRow, ParetoFront, ReportData, Section, SectionContent, Slices,
                                          TrialsPanel, Verification, VerificationRow, VerifiedPanel)
-from losstune.search.trials import OPTUNA_DB, SweepResults
+from losstune.search.study import study_file
+from losstune.search.trials import SweepResults
 from losstune.search.verify import read_summary
 from losstune.search.verify_stats import BASELINE, TUNED
 from losstune.search.verify_verdict import is_loss_value
@@ -232,7 +233,7 @@ class _Builder:
 
     def importance(self, sec: Section, study) -> Importance | None:
         if study is None:
-            sec.notes.append(f"No Optuna study found in {self.results.sweep_dir / OPTUNA_DB}.")
+            sec.notes.append(f"No Optuna study found in {study_file(self.results.sweep_dir)}.")
             return None
         imps, notes = param_importances(study, objective_names(self.results, study))
         sec.notes.extend(notes)

@@ -5,7 +5,7 @@ Layout of ``<results_dir>/<name>/`` (the sweep folder, also Tune's experiment fo
 
     sweep.json        name, status, config path, parent MLflow run id, Tune folder ...
     sweep.yaml        the effective sweep config (after CLI overrides); --resume reads this one
-    optuna.db         the Optuna study (optuna.load_study(study_name=<name>, storage="sqlite:///.../optuna.db"))
+    optuna.journal    the Optuna study (losstune.search.study.load_study(<sweep dir>); Optuna's journal format)
     mlflow_runs.json  trial id -> MLflow child run id, status, epochs
     trial_<id>/       Tune's trial folders (result.json, params.json, checkpoint_*/)
     trials.csv        one row per trial;  pareto.csv  the non-dominated trials (pareto objective)
@@ -40,7 +40,8 @@ from losstune.search.internals import RAY_AUTH_PROBE, RAY_AUTH_REFUSED, RAY_TOKE
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import (ProgressCallback, SweepTracker, TrackingCallback, TrackingUnavailable,
                              backfill_runs, best_effort, check_tracking, flatten, set_retry_defaults, write_json_atomic)
-from losstune.search.trials import OPTUNA_DB, SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
+from losstune.search.study import open_storage, remove_study, study_file
+from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE, ResultsError, SweepResults, format_table, load_results, \
     write_reports
 from losstune.search.tune_state import TuneStateDamaged, known_trial_ids
 from losstune.search.tune_state import repair as repair_tune_state
@@ -421,7 +422,7 @@ def _run_started(sweep: Sweep, sweep_dir: Path, info: dict[str, Any], resume: bo
                      "tracking_uri": uri, "experiment": sweep.experiment,
                      "objective": sweep.objective.model_dump(), "max_epochs": sweep.epochs,
                      "params": list(sweep.params), "num_samples": sweep.search.num_samples,
-                     "optuna_storage": f"sqlite:///{sweep_dir / OPTUNA_DB}", "optuna_study": sweep.name})
+                     "optuna_storage": str(study_file(sweep_dir)), "optuna_study": sweep.name})
         info.setdefault("created_at", _now())
         if resume:
             info["resumed_at"] = _now()
@@ -553,7 +554,6 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
     res = sweep.resources
     trainable = tune.with_resources(make_trainable(sweep.base_train, sweep.params, res.cpu),
                                     {"cpu": res.cpu, "gpu": res.gpu})
-    storage_url = f"sqlite:///{sweep_dir / OPTUNA_DB}"
     if resume and tune.Tuner.can_restore(tune_dir):
         if "://" not in sweep.storage_path:  # a killed driver may have left a cut-off or stale state (tune_state.py)
             repaired = repair_tune_state(Path(tune_dir), sweep.name, _ray_session_root())
@@ -567,10 +567,10 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
             callback.parent_run_id = info.get("parent_run_id") or callback.parent_run_id
             callback.tracking_uri = uri
             callback.experiment_id = info.get("experiment_id") or callback.experiment_id
-        _settle_lost_trials(sweep, sweep_dir, tune_dir, storage_url, callback, out)
+        _settle_lost_trials(sweep, sweep_dir, tune_dir, callback, out)
     else:
         if resume:  # the first run died before Tune saved anything: start over in the same folder
-            (sweep_dir / OPTUNA_DB).unlink(missing_ok=True)
+            remove_study(sweep_dir)
         callback = TrackingCallback(
             sweep_dir, uri, info.get("experiment_id"), info.get("parent_run_id"), sweep.epochs,
             decode=decoder(sweep), tags={"losstune.task": str(sweep.base_train["task"]),
@@ -579,7 +579,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
         metric, mode = sweep.metric_mode()
         single = isinstance(metric, str)
         tune_config = tune.TuneConfig(
-            search_alg=make_searcher(sweep, storage_url), scheduler=make_scheduler(sweep),
+            search_alg=make_searcher(sweep, open_storage(sweep_dir)), scheduler=make_scheduler(sweep),
             num_samples=sweep.search.num_samples, metric=metric if single else None,
             mode=mode if single else None, trial_dirname_creator=trial_dirname,
             # one worker process per concurrent slot, not per trial: starting a process and importing
@@ -606,7 +606,7 @@ def _fit(sweep: Sweep, sweep_dir: Path, tune_dir: str, info: dict, resume: bool,
     return grid, callback
 
 
-def _settle_lost_trials(sweep: Sweep, sweep_dir: Path, tune_dir: str, storage_url: str,
+def _settle_lost_trials(sweep: Sweep, sweep_dir: Path, tune_dir: str,
                         callback: TrackingCallback | None, out: Callable[[str], None]) -> None:
     """Trials started after Tune's last snapshot died with the driver: Tune does not know them and
     will not run them again. Their entries become ``lost`` (child run KILLED) and their Optuna trials
@@ -616,7 +616,7 @@ def _settle_lost_trials(sweep: Sweep, sweep_dir: Path, tune_dir: str, storage_ur
         return
     from losstune.search.algorithms import fail_lost_trials
     lost = callback.mark_lost(known) if callback is not None else []
-    numbers = fail_lost_trials(storage_url, sweep.name, known)
+    numbers = fail_lost_trials(open_storage(sweep_dir), sweep.name, known)
     if lost or numbers:
         out(f"[losstune] lost with the killed driver (started after Tune's last snapshot, not run again): "
             f"trials {', '.join(lost) or '-'}, Optuna trials {', '.join(map(str, numbers)) or '-'}; "

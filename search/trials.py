@@ -30,7 +30,6 @@ from losstune.trainables.loop import DIVERGED_SCORE  # what a diverged trial sco
 
 SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep.yaml"
-OPTUNA_DB = "optuna.db"  # the sweep's Optuna study (sqlite)
 METRIC_COLUMNS = ["composite", "best_composite", "ssim", "mse", "psnr", "gradient_match"]
 # the statuses a trial can be ranked (and exported) with, given a finite composite
 ELIGIBLE = tuple(s.value for s in (TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY, TrialStatus.RUNNING,

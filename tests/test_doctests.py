@@ -14,12 +14,13 @@ import losstune.losses
 
 MODULES = sorted([f"losstune.losses.{m.name}" for m in pkgutil.iter_modules(losstune.losses.__path__)] + [
     "losstune.search.space", "losstune.search.param_specs", "losstune.search.status", "losstune.search.formatting",
-    "losstune.trainables.terms"])
+    "losstune.search.study", "losstune.trainables.terms"])
 # the modules whose public functions must show an example
 WITH_EXAMPLES = {"losstune.losses.pixel", "losstune.losses.gradient", "losstune.losses.intensity",
                  "losstune.losses.weighting", "losstune.losses.diffusion", "losstune.losses.perceptual",
                  "losstune.losses.combined", "losstune.search.space", "losstune.search.param_specs",
-                 "losstune.search.status", "losstune.search.formatting", "losstune.trainables.terms"}
+                 "losstune.search.status", "losstune.search.formatting", "losstune.search.study",
+                 "losstune.trainables.terms"}
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -17,6 +17,7 @@ import optuna
 import pytest
 
 from losstune.search import internals
+from losstune.search.study import open_storage
 
 SPACE = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 
@@ -27,7 +28,7 @@ def searcher(tmp_path):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return OptunaSearch(space=SPACE, metric="score", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
-                        study_name="internals", storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}"))
+                        study_name="internals", storage=open_storage(tmp_path))  # the sweep's storage
 
 
 def test_optuna_search_maps_tune_trials_to_optuna_trials(searcher):

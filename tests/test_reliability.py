@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from losstune.search.study import load_study
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
@@ -280,7 +282,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, ray_local, cl
 
     # Optuna: two complete trials, nothing failed
     import optuna
-    study = optuna.load_study(study_name="killtrial", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "killtrial")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
 
 
@@ -324,7 +326,7 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_st
     _wait(lambda: not any(_alive(pid) for pid in trainers), 15, "the trial processes to exit")
     _reap(ray_procs, timeout=1)  # Ray's idle helpers (agents, starting workers) notice a little later
     assert proc.returncode == -signal.SIGKILL
-    study = optuna.load_study(study_name="killdriver", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "killdriver")
     before = {t.number: (t.params, t.state) for t in study.trials}
     completed_numbers = {num for num, (_, state) in before.items() if state == optuna.trial.TrialState.COMPLETE}
     assert completed_numbers and len(completed) >= 1
@@ -379,7 +381,7 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_st
         assert steps == list(range(1, epochs + 1)), (child.data.tags["losstune.trial_id"], steps)
 
     # Optuna: the history from before the kill is still there, and the study is complete
-    study = optuna.load_study(study_name="killdriver", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "killdriver")
     after = {t.number: (t.params, t.state) for t in study.trials}
     for num in completed_numbers:
         assert after[num] == before[num]
@@ -447,7 +449,7 @@ def test_ctrl_c_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path, when):
     results = load_results(sweep_dir)
     assert len(results.table) == n and set(results.table["status"]) == {"finished"}, results.table
     assert (sweep_dir / "best.yaml").is_file()
-    study = optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "ctrlc")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * n
 
 
@@ -523,7 +525,7 @@ def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path, st
     assert by_trial[second].info.status == "KILLED" and by_trial[second].data.tags["losstune.status"] == "lost"
     assert all(by_trial[t].info.status == "FINISHED" for t in real.index)
 
-    study = optuna.load_study(study_name="lost", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "lost")
     states = {t.user_attrs["tune_trial_id"]: t.state for t in study.trials}
     assert states == {**{t: optuna.trial.TrialState.COMPLETE for t in real.index},
                       second: optuna.trial.TrialState.FAIL}, states
@@ -607,7 +609,7 @@ def test_diverged_trial_gets_the_worst_score_and_the_sweep_goes_on(tmp_path, ray
 
     # Optuna is told, deliberately as COMPLETE with the worst value (DIVERGED_SCORE = -1.0 is the
     # composite's lower bound), so TPE learns to avoid the region; a FAIL would be ignored by TPE.
-    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "nan")
     assert len(study.trials) == 2
     poisoned_trials = [t for t in study.trials if t.params["data.poison_step"] == 2]
     assert poisoned_trials

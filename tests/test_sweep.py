@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from losstune.search.cli import main
+from losstune.search.study import load_study
 from losstune.search.trials import load_results, pareto_front
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_r
     epochs = SMOKE["train"]["epochs"]
 
     # results folder
-    for name in ("sweep.json", "sweep.yaml", "optuna.db", "best.yaml", "trials.csv", "mlflow_runs.json"):
+    for name in ("sweep.json", "sweep.yaml", "optuna.journal", "best.yaml", "trials.csv", "mlflow_runs.json"):
         assert (sweep_dir / name).is_file(), name
     info = json.loads((sweep_dir / "sweep.json").read_text())
     assert info["status"] == "finished" and info["parent_run_id"]
@@ -57,7 +58,7 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_r
     assert info["tracking"]["dropped_metrics"] == 0
 
     # the Optuna study is persisted and reloadable
-    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "smoke")
     assert len(study.trials) == n
     assert study.trials[0].params["gradient_weight"] == 0.0  # the hand-set point ran first
 
@@ -194,7 +195,7 @@ def test_pareto_sweep_saves_its_front(tmp_path, ray_local, clean_env, capsys):
         assert any(f["ssim"] >= row["ssim"] and f["mse"] <= row["mse"] and
                    f["gradient_match"] >= row["gradient_match"] for _, f in front.iterrows())
     # Optuna ran a 3-objective study
-    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = load_study(sweep_dir, "pareto")
     assert len(study.directions) == 3 and study.best_trials
     assert all(math.isfinite(v) for t in study.best_trials for v in t.values)
     assert (sweep_dir / "best.yaml").is_file()

@@ -1,4 +1,4 @@
-"""The persisted Optuna study of a sweep (``RESULTS_DIR/optuna.db``) as the report reads it: the study, its
+"""The persisted Optuna study of a sweep (:mod:`search.study`) as the report reads it: the study, its
 objectives in Optuna's order, fANOVA parameter importances and the objective values per trial."""
 
 from __future__ import annotations
@@ -7,26 +7,15 @@ import math
 import warnings
 from typing import Any
 
-from losstune.search.trials import OPTUNA_DB, SweepResults
+from losstune.search.study import load_study as load_sweep_study
+from losstune.search.trials import SweepResults
 
 MIN_IMPORTANCE_TRIALS = 2
 
 
 def load_study(results: SweepResults):
-    """The persisted Optuna study of the sweep (``RESULTS_DIR/optuna.db``); None if there is none."""
-    import optuna
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    db = results.sweep_dir / OPTUNA_DB
-    if not db.is_file():
-        return None
-    storage = f"sqlite:///{db}"
-    name = results.info.get("optuna_study") or results.name
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        if len(names) != 1:
-            return None
-        name = names[0]
-    return optuna.load_study(study_name=name, storage=storage)
+    """The persisted Optuna study of the sweep (:mod:`search.study`); None if there is none."""
+    return load_sweep_study(results.sweep_dir, results.info.get("optuna_study") or results.name)
 
 
 def objective_names(results: SweepResults, study) -> list[str]:
