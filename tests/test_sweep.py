@@ -351,7 +351,7 @@ sys.path.insert(0, {repo!r})
 import ray
 from ray._raylet import AuthenticationMode, get_authentication_mode  # what Ray uses (private, test only)
 from losstune.search.config import validate_sweep
-from losstune.search.runner import init_ray
+from losstune.search.ray_session import init_ray
 sweep = validate_sweep({config!r}, source="<test>", deep=False)
 assert init_ray(sweep)
 mode = get_authentication_mode()
@@ -384,17 +384,17 @@ def test_only_tunes_no_results_yet_warning_is_dropped():
     summary says so); a trial whose results cannot be read for another reason still gets the warning."""
     import logging
 
-    from losstune.search.runner import _NO_RESULTS_YET, _without_ray_notices
+    from losstune.search.ray_session import NO_RESULTS_YET, without_ray_notices
 
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    tune_logger = logging.getLogger(_NO_RESULTS_YET[0])
+    tune_logger = logging.getLogger(NO_RESULTS_YET[0])
     tune_logger.addHandler(handler)
     missing = ("- losstune_trial_{0}: FileNotFoundError('Could not fetch metrics for losstune_trial_{0}: both "
                "result.json and progress.csv were not found at /r/trial_{0}')")
     try:
-        with _without_ray_notices(_NO_RESULTS_YET):
+        with without_ray_notices(NO_RESULTS_YET):
             tune_logger.warning("Failed to fetch metrics for 2 trial(s):\n" + missing.format("a") + "\n"
                                 + missing.format("b"))
             tune_logger.warning("Failed to fetch metrics for 2 trial(s):\n" + missing.format("a")
@@ -415,8 +415,8 @@ def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path
     import signal
 
     from losstune.search.config import validate_sweep
-    from losstune.search.interrupts import first_ctrl_c_sets_event
-    from losstune.search.runner import CTRL_C_NOTICE, _run_started
+    from losstune.search.interrupts import CTRL_C_NOTICE, first_ctrl_c_sets_event
+    from losstune.search.runner import prepare, run_prepared
 
     with first_ctrl_c_sets_event(CTRL_C_NOTICE) as pressed:
         os.kill(os.getpid(), signal.SIGINT)  # first press: remembered, nothing raised
@@ -433,7 +433,9 @@ def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path
     cfg = {**SMOKE, "results_dir": str(tmp_path / "res"),
            "mlflow": {"experiment": "setup-ctrl-c", "tracking_uri": mlflow_uri}}
     sweep = validate_sweep(cfg, source="<test>", overrides={"results_dir": str(tmp_path / "res")}, deep=False)
+    run = prepare(sweep, out=lambda s: None)
+    run.ctrl_c = pressed  # pressed during the set-up
     with pytest.raises(KeyboardInterrupt):
-        _run_started(sweep, sweep.sweep_dir, {}, False, sweep.tracking_uri, True, lambda s: None, None, pressed)
+        run_prepared(run)
     assert not sweep.sweep_dir.exists()
     assert [r.info.status for r in mlflow_runs(mlflow_uri, "setup-ctrl-c")] == ["KILLED"]
