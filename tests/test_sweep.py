@@ -337,6 +337,26 @@ def test_tracking_callback_survives_a_dead_server(tmp_path, monkeypatch):
     assert read_runs_file(tmp_path)["ccc"]["status"] == "finished"  # statuses do not depend on MLflow
 
 
+def test_sweep_record_writes_sweep_json_as_readers_expect(tmp_path):
+    """sweep.json: every field once set up, the optional ones only when set, keys of other versions kept."""
+    from losstune.search.sweep_record import SweepRecord
+
+    record = SweepRecord(name="s", status="running", params=["edge_weight"], max_epochs=3)
+    record.write(tmp_path)
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert not set(SweepRecord.OPTIONAL) & set(written) and written["updated_at"]
+    assert written["name"] == "s" and written["params"] == ["edge_weight"] and written["tracking_uri"] is None
+
+    written.update(parent_run_id="p1", overrides={"search.num_samples": 4}, tracking={}, from_elsewhere=1)
+    (tmp_path / "sweep.json").write_text(json.dumps(written))
+    again = SweepRecord.read(tmp_path)
+    assert again.parent_run_id == "p1" and again.overrides == {"search.num_samples": 4}
+    again.status = "finished"
+    again.write(tmp_path)
+    rewritten = json.loads((tmp_path / "sweep.json").read_text())
+    assert rewritten == {**written, "status": "finished", "updated_at": rewritten["updated_at"]}
+
+
 def test_unschedulable_trials_are_refused(tmp_path, ray_local, clean_env, capsys):
     cfg = yaml.safe_load(yaml.safe_dump(SMOKE))
     cfg["resources"] = {"cpu": 64, "gpu": 0}
