@@ -9,7 +9,7 @@
   (4 epochs); 16 trials, 2 at a time (1 CPU and 1 torch thread each, a local Ray with 2 CPUs), TPE, FIFO
   scheduler (every trial runs all its epochs, so the three runners train comparable trials).
 * losstune: the real CLI path (``search.cli.main(["sweep", ...])``) with MLflow on sqlite in a temp dir.
-  Ray is started with the product's ``search.runner.init_ray`` just before, so its start-up and
+  Ray is started with the product's ``search.ray_session.init_ray`` just before, so its start-up and
   shut-down are timed separately: the ratio is reported with and without them.
 * bare Ray Tune: ``tune.Tuner`` + ``OptunaSearch`` (TPE, in-memory) + ``ConcurrencyLimiter``, a function
   trainable that calls ``trainables.loop.train`` and ``tune.report``s each epoch; no checkpoints, no
@@ -144,9 +144,10 @@ def _phase_timer():
 def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = True) -> dict[str, Any]:
     import ray
 
+    from losstune.search import tuner
     from losstune.search.cli import main as cli_main
     from losstune.search.config import load_sweep
-    from losstune.search.runner import init_ray
+    from losstune.search.ray_session import init_ray
     from losstune.search.trials import load_results
 
     name = "bench-overhead"
@@ -159,11 +160,9 @@ def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = 
     _prepare_mlflow_store(uri)
     cli_args = ["sweep", str(cfg_path), "--results-dir", str(tmp / "res")]
     sweep = load_sweep(cfg_path, {"results_dir": str(tmp / "res")})
-    import losstune.search.runner as runner
     timer = _phase_timer()
-    status_line = getattr(runner, "_status_line", None)
-    if status_line is not None:  # benchmark-only instrumentation: one passive callback more
-        runner._status_line = lambda sw: [*status_line(sw), timer]
+    status_line = tuner.status_line  # benchmark-only instrumentation: one passive callback more
+    tuner.status_line = lambda sw: [*status_line(sw), timer]
     t0 = time.perf_counter()
     init_ray(sweep)
     t1, cpu1 = time.perf_counter(), _cpu_s()
@@ -171,8 +170,7 @@ def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = 
         with contextlib.redirect_stdout(log):
             rc = cli_main(cli_args)
     finally:
-        if status_line is not None:
-            runner._status_line = status_line
+        tuner.status_line = status_line
     t2, cpu2 = time.perf_counter(), _cpu_s()
     ray.shutdown()
     t3 = time.perf_counter()
@@ -371,8 +369,8 @@ def main(argv=None) -> dict[str, Any]:
              common.goal("losstune sweep ratio, Ray start-up + shut-down included", lt["ratio_incl_ray_start"], GOAL),
              common.goal("losstune marginal ratio (per added trial; fixed start-up costs excluded)", marginal, GOAL)]
     common.print_goals(goals)
-    notes = ["sweep wall (excl.) = search.cli.main(['sweep', ...]) with Ray already started by search.runner.init_ray: "
-             "config validation, MLflow parent run, Tune (worker start-up and imports, trials, Optuna on sqlite, "
+    notes = ["sweep wall (excl.) = search.cli.main(['sweep', ...]) with Ray already started by "
+             "search.ray_session.init_ray: config validation, MLflow parent run, Tune (worker start-up and imports, trials, Optuna on sqlite, "
              "checkpoints every epoch, MLflow child runs), reports, export",
              "incl. = + Ray cluster start-up and shut-down; the Python interpreter start and imports of the CLI "
              "process are not included",

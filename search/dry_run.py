@@ -15,11 +15,11 @@ from typing import Any
 import yaml
 
 from losstune.search import space as sp
-from losstune.search.config import Sweep, SweepConfigError, load_sweep
-from losstune.search.runner import (RayTokenRefused, SweepInputError, check_ray_token, choose_name,
-                                    overrides_text, probe_address, ray_address)
+from losstune.search.config import Sweep
+from losstune.search.ray_session import RayTokenRefused, check_ray_token, probe_address, ray_address
+from losstune.search.runner import SweepInputError, choose_name, sweep_to_resume
+from losstune.search.sweep_setup import overrides_text
 from losstune.search.tracking import TrackingUnavailable, check_tracking
-from losstune.search.trials import SWEEP_CONFIG, SWEEP_FILE
 
 
 def _local_capacity(sweep: Sweep) -> dict[str, float]:
@@ -37,12 +37,7 @@ def describe_plan(sweep: Sweep, *, resume: bool = False, address: str | None = N
     """The plan as text; raises :class:`SweepInputError` where the real run would refuse to start."""
     notes: list[str] = []
     if resume:
-        if not (sweep.sweep_dir / SWEEP_FILE).is_file():
-            raise SweepInputError(f"{sweep.sweep_dir}: nothing to resume (no {SWEEP_FILE}); start it without --resume")
-        try:
-            sweep = load_sweep(sweep.sweep_dir / SWEEP_CONFIG, deep=False, check_paths=False)
-        except SweepConfigError as err:
-            raise SweepInputError(f"cannot resume: {err}") from None
+        sweep = sweep_to_resume(sweep.sweep_dir)
     else:
         sweep = choose_name(sweep, new_name_if_taken, notes.append)
 

@@ -15,6 +15,9 @@ import sys
 import threading
 from typing import Iterator
 
+# what the first Ctrl-C prints while a sweep or a verification sets up (both stop at their next safe point)
+CTRL_C_NOTICE = "[losstune] Ctrl-C: stopping at the next safe point (press it again to stop at once)"
+
 
 @contextlib.contextmanager
 def first_ctrl_c_sets_event(notice: str | None = None) -> Iterator[threading.Event]:

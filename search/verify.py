@@ -230,8 +230,8 @@ def verify_sweep(sweep_dir: str | Path, top_k: int | None = None, seeds: int | N
                  address: str | None = None, out: Callable[[str], None] = print) -> VerifyOutcome:
     """``losstune verify``: check the request (:class:`VerifyInputError` / ``ResultsError``: exit 2, nothing
     written), start or join Ray like a sweep does, run the verification."""
-    from losstune.search.interrupts import first_ctrl_c_sets_event
-    from losstune.search.runner import (CTRL_C_NOTICE, init_ray, quiet_ray, start_watchdog, stop_watchdog)
+    from losstune.search.interrupts import CTRL_C_NOTICE, first_ctrl_c_sets_event
+    from losstune.search.ray_session import RaySession
     from losstune.search.tracking import TrackingUnavailable, check_tracking
 
     results = load_results(sweep_dir)
@@ -242,20 +242,12 @@ def verify_sweep(sweep_dir: str | Path, top_k: int | None = None, seeds: int | N
             check_tracking(uri)
         except TrackingUnavailable as err:
             raise VerifyInputError(str(err)) from None
-    quiet_ray()
     with first_ctrl_c_sets_event(CTRL_C_NOTICE) as ctrl_c:
         try:
-            started = init_ray(results.sweep, address)
+            ray_session = RaySession.open(results.sweep, address)
         except Exception as err:  # noqa: BLE001
             raise VerifyInputError(f"Ray: cannot start or connect: {type(err).__name__}: {err}") from None
-        watchdog = start_watchdog() if started else None
-        try:
+        with ray_session:
             if ctrl_c.is_set():
                 raise KeyboardInterrupt
             return run_verification(results, top_k, seeds, epochs, out)
-        finally:
-            if started:
-                import ray
-                ray.shutdown()
-            if watchdog is not None:
-                stop_watchdog(watchdog)

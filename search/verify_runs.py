@@ -164,7 +164,7 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
                            JsonLoggerCallback()], verbose=0))
         out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
     interrupted, errors = False, 0
-    from losstune.search.runner import no_tensorboard_logger
+    from losstune.search.ray_session import no_tensorboard_logger
     with no_tensorboard_logger():
         try:
             errors = len(tuner.fit().errors)

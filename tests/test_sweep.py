@@ -338,6 +338,26 @@ def test_tracking_callback_survives_a_dead_server(tmp_path, monkeypatch):
     assert read_runs_file(tmp_path)["ccc"]["status"] == "finished"  # statuses do not depend on MLflow
 
 
+def test_sweep_record_writes_sweep_json_as_readers_expect(tmp_path):
+    """sweep.json: every field once set up, the optional ones only when set, keys of other versions kept."""
+    from losstune.search.sweep_record import SweepRecord
+
+    record = SweepRecord(name="s", status="running", params=["edge_weight"], max_epochs=3)
+    record.write(tmp_path)
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert not set(SweepRecord.OPTIONAL) & set(written) and written["updated_at"]
+    assert written["name"] == "s" and written["params"] == ["edge_weight"] and written["tracking_uri"] is None
+
+    written.update(parent_run_id="p1", overrides={"search.num_samples": 4}, tracking={}, from_elsewhere=1)
+    (tmp_path / "sweep.json").write_text(json.dumps(written))
+    again = SweepRecord.read(tmp_path)
+    assert again.parent_run_id == "p1" and again.overrides == {"search.num_samples": 4}
+    again.status = "finished"
+    again.write(tmp_path)
+    rewritten = json.loads((tmp_path / "sweep.json").read_text())
+    assert rewritten == {**written, "status": "finished", "updated_at": rewritten["updated_at"]}
+
+
 def test_unschedulable_trials_are_refused(tmp_path, ray_local, clean_env, capsys):
     cfg = yaml.safe_load(yaml.safe_dump(SMOKE))
     cfg["resources"] = {"cpu": 64, "gpu": 0}
@@ -352,7 +372,7 @@ sys.path.insert(0, {repo!r})
 import ray
 from ray._raylet import AuthenticationMode, get_authentication_mode  # what Ray uses (private, test only)
 from losstune.search.config import validate_sweep
-from losstune.search.runner import init_ray
+from losstune.search.ray_session import init_ray
 sweep = validate_sweep({config!r}, source="<test>", deep=False)
 assert init_ray(sweep)
 mode = get_authentication_mode()
@@ -385,17 +405,17 @@ def test_only_tunes_no_results_yet_warning_is_dropped():
     summary says so); a trial whose results cannot be read for another reason still gets the warning."""
     import logging
 
-    from losstune.search.runner import _NO_RESULTS_YET, _without_ray_notices
+    from losstune.search.ray_session import NO_RESULTS_YET, without_ray_notices
 
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    tune_logger = logging.getLogger(_NO_RESULTS_YET[0])
+    tune_logger = logging.getLogger(NO_RESULTS_YET[0])
     tune_logger.addHandler(handler)
     missing = ("- losstune_trial_{0}: FileNotFoundError('Could not fetch metrics for losstune_trial_{0}: both "
                "result.json and progress.csv were not found at /r/trial_{0}')")
     try:
-        with _without_ray_notices(_NO_RESULTS_YET):
+        with without_ray_notices(NO_RESULTS_YET):
             tune_logger.warning("Failed to fetch metrics for 2 trial(s):\n" + missing.format("a") + "\n"
                                 + missing.format("b"))
             tune_logger.warning("Failed to fetch metrics for 2 trial(s):\n" + missing.format("a")
@@ -416,8 +436,8 @@ def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path
     import signal
 
     from losstune.search.config import validate_sweep
-    from losstune.search.interrupts import first_ctrl_c_sets_event
-    from losstune.search.runner import CTRL_C_NOTICE, _run_started
+    from losstune.search.interrupts import CTRL_C_NOTICE, first_ctrl_c_sets_event
+    from losstune.search.runner import prepare, run_prepared
 
     with first_ctrl_c_sets_event(CTRL_C_NOTICE) as pressed:
         os.kill(os.getpid(), signal.SIGINT)  # first press: remembered, nothing raised
@@ -434,7 +454,9 @@ def test_ctrl_c_during_set_up_is_not_lost_and_leaves_no_half_made_sweep(tmp_path
     cfg = {**SMOKE, "results_dir": str(tmp_path / "res"),
            "mlflow": {"experiment": "setup-ctrl-c", "tracking_uri": mlflow_uri}}
     sweep = validate_sweep(cfg, source="<test>", overrides={"results_dir": str(tmp_path / "res")}, deep=False)
+    run = prepare(sweep, out=lambda s: None)
+    run.ctrl_c = pressed  # pressed during the set-up
     with pytest.raises(KeyboardInterrupt):
-        _run_started(sweep, sweep.sweep_dir, {}, False, sweep.tracking_uri, True, lambda s: None, None, pressed)
+        run_prepared(run)
     assert not sweep.sweep_dir.exists()
     assert [r.info.status for r in mlflow_runs(mlflow_uri, "setup-ctrl-c")] == ["KILLED"]
