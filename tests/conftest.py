@@ -14,6 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
+# Every Ray these tests start (the session's, a sweep subprocess's local one, a cluster's nodes) inherits
+# this: without it Ray starts one idle worker process per CPU when the first driver connects, which no
+# trial uses (Tune's trial actors get workers of their own), and on a 2-core machine those start-ups
+# compete with the driver's set-up and the trials' own.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
