@@ -20,6 +20,7 @@ from losstune.search.status import TrialStatus
 from losstune.search.tracking.pending import PendingWrites, TrialState
 from losstune.search.tracking.run import STATUS_TAG, RunHandle
 from losstune.search.tracking.runs_file import RunsBook
+from losstune.search.tracking.store import param_value
 
 logger = logging.getLogger("losstune.tracking")
 
@@ -71,12 +72,15 @@ class ChildRuns:
                 self._write(state)
 
     def _open(self, state: TrialState) -> None:
-        run_id = self.find(state.trial_id)
+        # a trial this sweep first saw now, and whose entry is on disk, cannot have a run yet (runs are
+        # made only after that save): no search for it
+        run_id = None if self.book.new_and_saved(state.trial_id) else self.find(state.trial_id)
         if run_id is None:
             tags = {TRIAL_TAG: state.trial_id, STAGE_TAG: "search", **self.tags}
             if self.parent_run_id:
                 tags[PARENT_TAG] = self.parent_run_id
-            run_id = RunHandle.create(self.client, self.experiment_id, state.name, tags, state.params).run_id
+            run_id = RunHandle.create(self.client, self.experiment_id, state.name, tags).run_id
+            state.params_pending = {k: param_value(v) for k, v in (state.params or {}).items()}  # with the metrics
         else:
             state.reopen = True
         state.run_id = run_id
@@ -84,42 +88,50 @@ class ChildRuns:
         self.book.save()  # before anything else: a driver killed from here on finds the run again
 
     def _write(self, state: TrialState) -> None:
+        """One ``log_batch`` (params, metrics, tags: the status tag too when the run ends), one artifact
+        upload (the image series; the files when the trial ends), then the run's end."""
         from mlflow.entities import Param, RunTag
         run = RunHandle(self.client, state.run_id)
         if state.reopen:
             if state.end is None:
-                RunHandle.reopen(self.client, state.run_id, tags={STATUS_TAG: TrialStatus.RUNNING.value})
+                RunHandle.reopen(self.client, state.run_id)
+                state.tags[STATUS_TAG] = TrialStatus.RUNNING.value
             state.reopen = False
-        if state.data_params:  # the same value on every result of a trial: logged once
-            run.log_batch(params=[Param(k, str(v)) for k, v in state.data_params.items()])
-            state.data_params_logged.update(state.data_params)
-            state.data_params = {}
-        if state.metrics or state.tags:
-            run.log_batch(metrics=state.metrics, tags=[RunTag(k, v) for k, v in state.tags.items()])
-            self.num_batches += 1
-            state.metrics, state.tags = [], {}
-        # the image series every epoch; the newest predictions.png / config.yaml once, when the trial ends
-        if state.images:
-            self._log_images(run, state)
-        if state.files and state.end:
-            self._log_files(run, state)
         if state.end:
-            run.end(state.end)
+            state.tags[STATUS_TAG] = state.end.value
+        # DATA_PARAMS: the same value on every result of a trial, logged once
+        params = {**state.params_pending, **{k: str(v) for k, v in state.data_params.items()}}
+        if state.metrics or state.tags or params:
+            run.log_batch(metrics=state.metrics, params=[Param(k, v) for k, v in params.items()],
+                          tags=[RunTag(k, v) for k, v in state.tags.items()])
+            self.num_batches += 1
+            state.data_params_logged.update(state.data_params)
+            state.metrics, state.tags, state.params_pending, state.data_params = [], {}, {}, {}
+        # the image series every epoch; the newest predictions.png / config.yaml once, when the trial ends
+        if state.images or (state.files and state.end):
+            self._log_artifacts(run, state)
+        if state.end:
+            run.terminate(state.end.run_status)
             state.end = None
             state.started = False
 
     @staticmethod
-    def _log_images(run: RunHandle, state: TrialState) -> None:
-        """The pending images as MLflow's image series, in one artifact upload.
+    def _log_artifacts(run: RunHandle, state: TrialState) -> None:
+        """The pending images as MLflow's image series and, when the trial ends, its files: one upload.
 
-        The files are named as ``MlflowClient.log_image(key=..., step=...)`` names them (the UI's image chart
+        The images are named as ``MlflowClient.log_image(key=..., step=...)`` names them (the UI's image chart
         reads that layout), but the trial's PNG bytes go as they are and its thumbnail is used when it sent
         one: ``log_image`` would decode, re-encode (~20 ms) and make the thumbnail (~10 ms) per image here.
         """
         images = list(state.images)
-        with tempfile.TemporaryDirectory(prefix="losstune-images-") as tmp:
+        files = dict(state.files) if state.end else {}
+        if state.config_logged:
+            files.pop("config.yaml", None)
+        with tempfile.TemporaryDirectory(prefix="losstune-artifacts-") as tmp:
+            if images:
+                os.mkdir(os.path.join(tmp, "images"))
             for step, ts, png, thumbnail in images:
-                stem = os.path.join(tmp, f"{IMAGE_KEY}+step+{step}+timestamp+{ts}+{uuid.uuid4()}")
+                stem = os.path.join(tmp, "images", f"{IMAGE_KEY}+step+{step}+timestamp+{ts}+{uuid.uuid4()}")
                 try:
                     webp = thumbnail if thumbnail is not None else thumbnail_of(png)
                 except (ImportError, OSError, ValueError) as err:  # an unreadable image: skip it, not the run
@@ -129,20 +141,11 @@ class ChildRuns:
                     f.write(png)
                 with open(stem + "+compressed.webp", "wb") as f:
                     f.write(webp)
-            run.log_artifacts(tmp, artifact_path="images")
+            for name, data in files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            run.log_artifacts(tmp)
         del state.images[:len(images)]
-
-    @staticmethod
-    def _log_files(run: RunHandle, state: TrialState) -> None:
-        files = dict(state.files)
-        if state.config_logged:
-            files.pop("config.yaml", None)
-        if files:
-            with tempfile.TemporaryDirectory(prefix="losstune-artifacts-") as tmp:
-                for name, data in files.items():
-                    path = os.path.join(tmp, name)
-                    with open(path, "wb") as f:
-                        f.write(data)
-                    run.log_artifact(path)
-        state.config_logged = state.config_logged or "config.yaml" in files
-        state.files = {}
+        if state.end:
+            state.config_logged = state.config_logged or "config.yaml" in files
+            state.files = {}

@@ -26,7 +26,7 @@ DATA_PARAMS = ("num_val",)  # the validation samples the trial's metrics average
 class TrialState:
     """One trial's child run and what it is still owed."""
 
-    __slots__ = ("trial_id", "run_id", "params", "name", "metrics", "tags", "end", "started", "reopen", "node_ip",
+    __slots__ = ("trial_id", "run_id", "params", "params_pending", "name", "metrics", "tags", "end", "started", "reopen", "node_ip",
                  "node_id", "restarts", "images", "images_tagged", "files", "config_logged", "data_params",
                  "data_params_logged")
 
@@ -34,6 +34,7 @@ class TrialState:
         self.trial_id = trial_id
         self.run_id = run_id
         self.params: dict[str, Any] | None = None
+        self.params_pending: dict[str, str] = {}   # of a run just made: logged with its first metrics
         self.name = trial_id
         self.metrics: list = []                    # mlflow.entities.Metric, not yet logged
         self.tags: dict[str, str] = {}
@@ -52,7 +53,7 @@ class TrialState:
 
     def pending(self) -> bool:
         """Something is to be written now (``files`` alone are not: they are written when the trial ends)."""
-        return bool(self.metrics or self.tags or self.data_params or self.end or self.images
+        return bool(self.metrics or self.tags or self.params_pending or self.data_params or self.end or self.images
                     or (self.started and self.run_id is None))
 
 

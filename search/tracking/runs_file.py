@@ -54,20 +54,28 @@ class RunsBook:
         self.dirty = False
         self._lock = threading.Lock()
         self._runs: dict[str, dict[str, Any]] = {}
+        self._new: set[str] = set()        # trials no earlier run of the sweep knew (entries made here) ...
+        self._new_saved: set[str] = set()  # ... and, of those, the ones the file on disk has
 
     def _entry(self, trial_id: str, status: TrialStatus = TrialStatus.RUNNING) -> dict[str, Any]:
         entry = self._runs.get(trial_id)
         if entry is None:
             entry = self._runs[trial_id] = {"run_id": None, "status": status.value, "epochs": 0}
+            self._new.add(trial_id)
         self.dirty = True
         return entry
 
     # ----- what is known already -------------------------------------------------------------------
     def merge(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
-        """Add the entries of ``runs`` this book lacks (Tune's saved callback state, the file on disk)."""
+        """Add the entries of ``runs`` this book lacks (Tune's saved callback state, the file on disk), and the
+        run id of an entry that has none yet."""
         with self._lock:
             for trial_id, entry in runs.items():
-                self._runs.setdefault(trial_id, dict(entry))
+                mine = self._runs.setdefault(trial_id, dict(entry))
+                if not mine.get("run_id") and entry.get("run_id"):
+                    mine["run_id"] = entry["run_id"]
+                self._new.discard(trial_id)
+                self._new_saved.discard(trial_id)
 
     def load(self) -> None:
         """Add the entries of the file on disk this book lacks."""
@@ -133,16 +141,27 @@ class RunsBook:
             entry = self._runs.get(trial_id)
             return entry.get("status") if entry else None
 
+    def new_and_saved(self, trial_id: str) -> bool:
+        """No earlier run of the sweep knew the trial, and the file on disk has it now. Child runs are made
+        only after this (:class:`~losstune.search.tracking.child_runs.ChildRuns`), so such a trial has none
+        yet, in this or any earlier driver of the sweep (whose file would have named it)."""
+        with self._lock:
+            return trial_id in self._new_saved
+
     def save(self) -> None:
         """Write the file (atomically); when it cannot be written, a warning, and the next save tries again."""
         with self._lock:
             self.dirty = False
             data = {k: dict(v) for k, v in self._runs.items()}
+            new = self._new.intersection(data)
         try:
             write_json_atomic(self.path, data)
         except OSError as err:
             self.dirty = True
             logger.warning("cannot write %s: %s", self.path, err)
+            return
+        with self._lock:
+            self._new_saved.update(new & self._new)
 
     # ----- reading -----------------------------------------------------------------------------------
     def runs(self) -> dict[str, dict[str, Any]]:
