@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,6 +24,7 @@ logger = logging.getLogger("losstune.tracking")
 
 RUNS_FILE = "mlflow_runs.json"
 SCORES = ("composite", "ssim", "mse", "gradient_match")  # the last value of each is kept in the file
+PROGRESS_SAVE_S = 10.0  # epochs and scores reach the file at least this often (Ray's results have them all)
 
 
 def read_runs_file(sweep_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -47,11 +50,18 @@ def will_not_run_again(entry: Mapping[str, Any]) -> bool:
 
 
 class RunsBook:
-    """The runs file in memory; every method is thread-safe. ``dirty``: changed since the last :meth:`save`."""
+    """The runs file in memory; every method is thread-safe.
+
+    ``dirty``: what readers of the file use (a trial, its status, run id, params) changed since the last
+    :meth:`save`; the writer saves then at its next wake-up. A trial's later epochs and scores alone make the
+    save :meth:`due` only every :data:`PROGRESS_SAVE_S` (each save writes every trial: O(trials)).
+    """
 
     def __init__(self, sweep_dir: str | Path):
         self.path = Path(sweep_dir) / RUNS_FILE
         self.dirty = False
+        self._progressed = False
+        self._saved_at = -math.inf
         self._lock = threading.Lock()
         self._runs: dict[str, dict[str, Any]] = {}
         self._new: set[str] = set()        # trials no earlier run of the sweep knew (entries made here) ...
@@ -62,7 +72,7 @@ class RunsBook:
         if entry is None:
             entry = self._runs[trial_id] = {"run_id": None, "status": status.value, "epochs": 0}
             self._new.add(trial_id)
-        self.dirty = True
+            self.dirty = True
         return entry
 
     # ----- what is known already -------------------------------------------------------------------
@@ -88,6 +98,7 @@ class RunsBook:
             entry["status"] = status.value
             if epochs is not None:
                 entry["epochs"] = max(int(entry.get("epochs") or 0), epochs)
+            self.dirty = True
 
     def mark_interrupted(self, trial_ids: Iterable[str] | None = None) -> list[str]:
         """Entries (of ``trial_ids``, default all) that will still run: ``interrupted``; returns their ids."""
@@ -111,17 +122,21 @@ class RunsBook:
 
     # ----- the writer --------------------------------------------------------------------------------
     def touch(self, trial_id: str) -> None:
-        """The trial has an entry (``running`` when new), and the file is to be saved."""
+        """The trial has an entry (``running`` when new)."""
         with self._lock:
             self._entry(trial_id)
 
     def record_start(self, trial_id: str, params: Mapping[str, Any]) -> None:
         with self._lock:
             self._entry(trial_id)["params"] = dict(params)
+            self.dirty = True
 
     def record_result(self, trial_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         with self._lock:
             entry = self._entry(trial_id)
+            if not entry.get("epochs"):
+                self.dirty = True  # the trial's first result: it is under way
+            self._progressed = True
             entry["epochs"] = max(int(entry.get("epochs") or 0), epoch)
             for key in SCORES:
                 if key in metrics:
@@ -130,6 +145,7 @@ class RunsBook:
     def set_run_id(self, trial_id: str, run_id: str) -> None:
         with self._lock:
             self._entry(trial_id)["run_id"] = run_id
+            self.dirty = True
 
     def run_id(self, trial_id: str) -> str | None:
         with self._lock:
@@ -148,10 +164,16 @@ class RunsBook:
         with self._lock:
             return trial_id in self._new_saved
 
+    def due(self) -> bool:
+        """A save is due: :attr:`dirty`, or epochs / scores changed and the last save is older than
+        :data:`PROGRESS_SAVE_S`."""
+        return self.dirty or (self._progressed and time.monotonic() - self._saved_at >= PROGRESS_SAVE_S)
+
     def save(self) -> None:
         """Write the file (atomically); when it cannot be written, a warning, and the next save tries again."""
         with self._lock:
-            self.dirty = False
+            self.dirty = self._progressed = False
+            self._saved_at = time.monotonic()
             data = {k: dict(v) for k, v in self._runs.items()}
             new = self._new.intersection(data)
         try:

@@ -142,7 +142,7 @@ class TrackingWriter:
                 else:
                     self.num_events += 1
                     self.pending.apply(event)
-            if self.book.dirty:
+            if self.book.due():
                 self.book.save()
             if self._pending() and time.monotonic() >= next_try:
                 try:
