@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
 from typing import Mapping
 
@@ -28,6 +29,7 @@ STAGE_TAG = "stage"  # every child run: "search" (a sweep trial) or "verify" (a 
 TRIAL_TAG = "losstune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 IMAGE_KEY = "predictions"  # the image series' key in the MLflow UI
+METRICS_EVERY_S = 5.0  # a running trial's metrics reach MLflow at least this often (Ray's results have them)
 
 
 def thumbnail_of(png: bytes) -> bytes:
@@ -63,13 +65,19 @@ class ChildRuns:
         runs = self.client.search_runs([self.experiment_id], filter_string=filt, max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def sync(self, pending: PendingWrites) -> None:
-        """Write everything pending (raises on the first MLflow failure: what was not written stays pending)."""
+    def sync(self, pending: PendingWrites, everything: bool = False) -> None:
+        """Write what is pending (raises on the first MLflow failure: what was not written stays pending).
+
+        A running trial's metrics are held until :data:`METRICS_EVERY_S` after its last batch, so one
+        ``log_batch`` carries several results (its fixed cost is most of a batch's cost); the first batch
+        of a run, a trial's end, and ``everything`` (a flush, the end of the sweep) do not wait.
+        """
+        now = time.monotonic()
         for state in list(pending.trials.values()):
             if state.run_id is None and (state.started or state.metrics or state.end):
                 self._open(state)
             if state.run_id is not None:
-                self._write(state)
+                self._write(state, everything or now - state.written_at >= METRICS_EVERY_S)
 
     def _open(self, state: TrialState) -> None:
         # a trial this sweep first saw now, and whose entry is on disk, cannot have a run yet (runs are
@@ -87,9 +95,10 @@ class ChildRuns:
         self.book.set_run_id(state.trial_id, run_id)
         self.book.save()  # before anything else: a driver killed from here on finds the run again
 
-    def _write(self, state: TrialState) -> None:
-        """One ``log_batch`` (params, metrics, tags: the status tag too when the run ends), one artifact
-        upload (the image series; the files when the trial ends), then the run's end."""
+    def _write(self, state: TrialState, batch_due: bool) -> None:
+        """One ``log_batch`` (params, metrics, tags: the status tag too when the run ends; when ``batch_due``
+        or the trial ends), one artifact upload (the image series; the files when the trial ends), then the
+        run's end."""
         from mlflow.entities import Param, RunTag
         run = RunHandle(self.client, state.run_id)
         if state.reopen:
@@ -101,10 +110,11 @@ class ChildRuns:
             state.tags[STATUS_TAG] = state.end.value
         # DATA_PARAMS: the same value on every result of a trial, logged once
         params = {**state.params_pending, **{k: str(v) for k, v in state.data_params.items()}}
-        if state.metrics or state.tags or params:
+        if (batch_due or state.end) and (state.metrics or state.tags or params):
             run.log_batch(metrics=state.metrics, params=[Param(k, v) for k, v in params.items()],
                           tags=[RunTag(k, v) for k, v in state.tags.items()])
             self.num_batches += 1
+            state.written_at = time.monotonic()
             state.data_params_logged.update(state.data_params)
             state.metrics, state.tags, state.params_pending, state.data_params = [], {}, {}, {}
         # the image series every epoch; the newest predictions.png / config.yaml once, when the trial ends

@@ -6,6 +6,7 @@ metrics, tags and images pile up per trial until the writer's next sync sends th
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 from losstune.search.status import TrialStatus
@@ -26,9 +27,9 @@ DATA_PARAMS = ("num_val",)  # the validation samples the trial's metrics average
 class TrialState:
     """One trial's child run and what it is still owed."""
 
-    __slots__ = ("trial_id", "run_id", "params", "params_pending", "name", "metrics", "tags", "end", "started", "reopen", "node_ip",
-                 "node_id", "restarts", "images", "images_tagged", "files", "config_logged", "data_params",
-                 "data_params_logged")
+    __slots__ = ("trial_id", "run_id", "params", "params_pending", "name", "metrics", "written_at", "tags", "end",
+                 "started", "reopen", "node_ip", "node_id", "restarts", "images", "images_tagged", "files",
+                 "config_logged", "data_params", "data_params_logged")
 
     def __init__(self, trial_id: str, run_id: str | None):
         self.trial_id = trial_id
@@ -37,6 +38,7 @@ class TrialState:
         self.params_pending: dict[str, str] = {}   # of a run just made: logged with its first metrics
         self.name = trial_id
         self.metrics: list = []                    # mlflow.entities.Metric, not yet logged
+        self.written_at = -math.inf                # monotonic time of the run's last log_batch
         self.tags: dict[str, str] = {}
         self.end: TrialStatus | None = None        # the run is to end with this status
         self.started = False

@@ -2,8 +2,9 @@
 
 Each wake-up it gathers the events queued for up to ``flush_interval`` seconds, records them
 (:class:`PendingWrites`, the :class:`RunsBook`), saves the runs file if it changed, and writes what
-is pending per child run in batches (:class:`ChildRuns`). While the tracking server is down the
-writes stay pending and are retried with backoff (0.5 s doubling up to 30 s); trials keep running
+is pending per child run in batches (:class:`ChildRuns`: a running trial's metrics at most every
+``METRICS_EVERY_S``; everything at once on a flush and at the end). While the tracking server is down
+the writes stay pending and are retried with backoff (0.5 s doubling up to 30 s); trials keep running
 meanwhile, and their results stay in Ray's trial folders for ``losstune export`` and the backfill.
 :meth:`TrackingWriter.close` keeps retrying until its deadline, then says what it gave up.
 """
@@ -95,7 +96,8 @@ class TrackingWriter:
         self.book.save()
 
     def stats(self) -> dict[str, Any]:
-        return {"batches": self._runs.num_batches if self._runs else 0, "errors": self.errors, "dropped_metrics": self.dropped_metrics}
+        return {"batches": self._runs.num_batches if self._runs else 0, "errors": self.errors,
+                "dropped_metrics": self.dropped_metrics}
 
     # ----- the thread --------------------------------------------------------------------------------
     def _pending(self) -> bool:
@@ -130,6 +132,7 @@ class TrackingWriter:
     def _run(self) -> None:
         failures, next_try = 0, 0.0
         stopping = False
+        flushing = False  # a Flush came: write everything, held metrics too, until a sync succeeds
         while True:
             now = time.monotonic()
             wait = self.flush_interval if next_try <= now else min(self.flush_interval, next_try - now)
@@ -137,6 +140,7 @@ class TrackingWriter:
                 if isinstance(event, Stop):
                     stopping = True
                 elif isinstance(event, Flush):
+                    flushing = True
                     if event.done is not None:
                         self._waiters.append(event.done)
                 else:
@@ -149,7 +153,8 @@ class TrackingWriter:
                     if self._runs is None:
                         self._runs = ChildRuns(mlflow_client(self.tracking_uri), self.experiment_id,
                                                self.parent_run_id, self.tags, self.book)
-                    self._runs.sync(self.pending)
+                    self._runs.sync(self.pending, everything=flushing or stopping)
+                    flushing = False
                     if failures:
                         logger.warning("MLflow is reachable again; pending metrics written")
                     failures, next_try = 0, 0.0
