@@ -106,13 +106,12 @@ class ChildRuns:
                 RunHandle.reopen(self.client, state.run_id)
                 state.tags[STATUS_TAG] = TrialStatus.RUNNING.value
             state.reopen = False
-        if state.end:
-            state.tags[STATUS_TAG] = state.end.value
+        tags = {**state.tags, STATUS_TAG: state.end.value} if state.end else state.tags
         # DATA_PARAMS: the same value on every result of a trial, logged once
         params = {**state.params_pending, **{k: str(v) for k, v in state.data_params.items()}}
-        if (batch_due or state.end) and (state.metrics or state.tags or params):
+        if (batch_due or state.end) and (state.metrics or tags or params):
             run.log_batch(metrics=state.metrics, params=[Param(k, v) for k, v in params.items()],
-                          tags=[RunTag(k, v) for k, v in state.tags.items()])
+                          tags=[RunTag(k, v) for k, v in tags.items()])
             self.num_batches += 1
             state.written_at = time.monotonic()
             state.data_params_logged.update(state.data_params)

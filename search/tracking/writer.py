@@ -51,7 +51,6 @@ class TrackingWriter:
         self._deadline = math.inf
         self._waiters: list[threading.Event] = []
         self._runs: ChildRuns | None = None  # made on the first write (the client needs the server only then)
-        self.num_events = 0
         self.errors = 0
         self.last_error: str | None = None
         self.dropped_metrics = 0
@@ -144,7 +143,6 @@ class TrackingWriter:
                     if event.done is not None:
                         self._waiters.append(event.done)
                 else:
-                    self.num_events += 1
                     self.pending.apply(event)
             if self.book.due():
                 self.book.save()
