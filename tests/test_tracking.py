@@ -72,3 +72,18 @@ def test_pending_writes_take_typed_events_only(tmp_path):
     assert state.data_params == {"num_val": 8} and state.tags == {"losstune.node_ip": "h"}
     with pytest.raises(TypeError):
         pending.apply(("result", "a", 1, {}, 0))
+
+
+def test_with_mlflow_off_events_reach_the_runs_book_only(tmp_path):
+    from losstune.search.tracking import RunsBook
+    from losstune.search.tracking.events import CheckpointFiles, TrialResult, TrialStarted
+    from losstune.search.tracking.pending import PendingWrites
+
+    book = RunsBook(tmp_path)
+    pending = PendingWrites(book, mlflow=False)
+    pending.apply(TrialStarted("a", {"w": 1}, "run-a"))
+    pending.apply(TrialResult("a", 2, {"training_iteration": 2, "composite": 0.25}, 5))
+    pending.apply(CheckpointFiles("a", 2, {"predictions.png": b"png"}, 5))
+    assert not pending.trials and not pending.any()
+    assert book.runs() == {"a": {"run_id": None, "status": "running", "epochs": 2, "composite": 0.25,
+                                 "params": {"w": 1}}}

@@ -60,11 +60,16 @@ class TrialState:
 
 
 class PendingWrites:
-    """Every trial's :class:`TrialState`; :meth:`apply` records an event there and in the runs book."""
+    """Every trial's :class:`TrialState`; :meth:`apply` records an event there and in the runs book.
 
-    def __init__(self, book: RunsBook, decode: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None):
+    ``mlflow=False`` (tracking off): events reach the runs book only; nothing piles up for MLflow.
+    """
+
+    def __init__(self, book: RunsBook, decode: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+                 mlflow: bool = True):
         self.book = book
         self.decode = decode
+        self.mlflow = mlflow
         self.trials: dict[str, TrialState] = {}
 
     def state(self, trial_id: str) -> TrialState:
@@ -85,13 +90,29 @@ class PendingWrites:
         handler = self._HANDLERS.get(type(event))
         if handler is None:
             raise TypeError(f"not a trial event: {event!r}")
-        handler(self, self.state(event.trial_id), event)
+        if self.mlflow:
+            handler(self, self.state(event.trial_id), event)
+        elif isinstance(event, TrialStarted):
+            self.book.record_start(event.trial_id, self._params(event))
+        elif isinstance(event, TrialResult):
+            metrics = numeric_metrics(event.result)
+            self.book.record_result(event.trial_id, self._step(event, metrics), metrics)
+        else:
+            self.book.touch(event.trial_id)
+
+    def _params(self, event: TrialStarted) -> dict[str, Any]:
+        """The child run's params: the decoded config (the raw one when it cannot be decoded)."""
+        try:
+            return dict(self.decode(event.config)) if self.decode else dict(event.config)
+        except Exception:  # noqa: BLE001 - log the raw config rather than nothing
+            return dict(event.config)
+
+    @staticmethod
+    def _step(event: TrialResult, metrics: Mapping[str, float]) -> int:
+        return int(event.step or metrics.get("epoch") or 0)
 
     def _start(self, state: TrialState, event: TrialStarted) -> None:
-        try:
-            state.params = dict(self.decode(event.config)) if self.decode else dict(event.config)
-        except Exception:  # noqa: BLE001 - log the raw config rather than nothing
-            state.params = dict(event.config)
+        state.params = self._params(event)
         state.name = event.name
         state.started = True
         state.reopen = state.run_id is not None
@@ -102,7 +123,7 @@ class PendingWrites:
         from mlflow.entities import Metric
         result, ts = event.result, event.timestamp_ms
         metrics = numeric_metrics(result)
-        step = int(event.step or metrics.get("epoch") or 0)
+        step = self._step(event, metrics)
         state.metrics.extend(Metric(k, v, ts, step) for k, v in metrics.items())
         node_ip, node_id = result.get("node_ip"), result.get("node_id")
         if node_ip and node_ip != state.node_ip:

@@ -44,7 +44,7 @@ class TrackingWriter:
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self.tags = dict(tags)
         self.flush_interval, self.flush_timeout = flush_interval, flush_timeout
-        self.pending = PendingWrites(book, decode)
+        self.pending = PendingWrites(book, decode, mlflow=tracking_uri is not None)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.put: Callable[[Event], None] = self._queue.put
         self._thread = threading.Thread(target=self._run, name="losstune-mlflow", daemon=True)
@@ -100,7 +100,7 @@ class TrackingWriter:
 
     # ----- the thread --------------------------------------------------------------------------------
     def _pending(self) -> bool:
-        return self.tracking_uri is not None and self.pending.any()
+        return self.pending.any()
 
     def _collect(self, wait: float) -> list[Event]:
         """Block up to ``wait`` s for an event, then gather more for up to ``flush_interval`` s."""
