@@ -27,8 +27,8 @@ from losstune.search.config import (SweepConfigError, check_tracking_uri, read_y
                                     resolve_tracking_uri)
 from losstune.search.interrupts import first_ctrl_c_sets_event
 from losstune.search.status import TrialStatus
-from losstune.search.tracking import (TrackingUnavailable, best_effort, check_tracking, flatten, log_batch_chunked,
-                             param_value, write_json_atomic)
+from losstune.search.tracking import (STATUS_TAG, RunHandle, TrackingUnavailable, best_effort, check_tracking, flatten,
+                                      get_or_create_experiment, mlflow_client, write_json_atomic)
 from losstune.trainables.config import ConfigError, TrainConfig, parse_train_config
 from losstune.trainables.loop import STATE_FILE, TrainingStopped
 
@@ -179,9 +179,10 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
             raise FinalInputError(f"--resume: cannot load {out_dir / STATE_FILE}: "
                                   f"{type(err).__name__}: {err}") from None
     experiment = resolve_experiment(experiment or prov_mlflow.get("experiment"))  # then $MLFLOW_EXPERIMENT_NAME
-    client, run_id = (_reopen_run(uri, saved.get("mlflow_run_id"), trainer.history, echo) if resume else (None, None))
-    if run_id is None:
-        client, run_id = _start_run(uri, experiment, config, provenance, path, echo)
+    run = _reopen_run(uri, saved.get("mlflow_run_id"), trainer.history, echo) if resume else None
+    if run is None:
+        run = _start_run(uri, experiment, config, provenance, path, echo)
+    run_id = run.run_id if run is not None else None
     saved_epoch = trainer.epoch
     _write_progress(out_dir, config, "running", saved_epoch, run_id)
     bar = tqdm(total=config.epochs, initial=trainer.epoch, desc=f"train {config.task}", unit="epoch",
@@ -195,8 +196,8 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
         bar.update(1)
         bar.set_postfix({k: f"{report.metrics[k]:.4g}" for k in ("loss", "composite", "ssim")
                          if isinstance(report.metrics.get(k), float)})
-        if client is not None:
-            _log_epoch(client, run_id, report.epoch, report.metrics, echo)
+        if run is not None:
+            _log_epoch(run, report.epoch, report.metrics, echo)
 
     try:
         # the first Ctrl-C stops before the next step, never inside a state save or an MLflow write
@@ -205,17 +206,14 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
     except (KeyboardInterrupt, TrainingStopped):
         bar.close()
         _write_progress(out_dir, config, "interrupted", saved_epoch, run_id)
-        if client is not None:
-            def killed() -> None:
-                client.set_tag(run_id, "losstune.status", TrialStatus.INTERRUPTED.value)
-                client.set_terminated(run_id, status=TrialStatus.INTERRUPTED.run_status)
-            best_effort(killed, echo)
+        if run is not None:
+            best_effort(lambda: run.end(TrialStatus.INTERRUPTED), echo)
         raise FinalInterrupted(saved_epoch, config.epochs, out_dir) from None
     except BaseException:
         bar.close()
         _write_progress(out_dir, config, "failed", saved_epoch, run_id)
-        if client is not None:
-            best_effort(lambda: client.set_terminated(run_id, status=TrialStatus.FAILED.run_status), echo)
+        if run is not None:
+            best_effort(lambda: run.terminate(TrialStatus.FAILED.run_status), echo)
         raise
     bar.close()
 
@@ -231,22 +229,19 @@ def run_final(path: str | Path, *, epochs: int | None = None, device: str | None
                 "provenance": final_provenance}, model_path)
     _write_progress(out_dir, config, result.status, result.epochs_completed, run_id)
     (out_dir / STATE_FILE).unlink(missing_ok=True)  # the model is saved; the optimiser state is not needed
-    if client is not None:
+    if run is not None:
         def finish() -> None:
-            client.log_artifact(run_id, str(config_path))
-            client.log_artifact(run_id, str(model_path))
-            client.set_tag(run_id, "losstune.status", result.status)
-            client.set_terminated(run_id, status=TrialStatus(result.status).run_status)
+            run.log_artifact(config_path)
+            run.log_artifact(model_path)
+            run.end(result.status)
         best_effort(finish, echo)
     return FinalOutcome(result.status, out_dir, model_path, config_path,
                         {k: v for k, v in result.metrics.items()}, run_id, list(result.history))
 
 
 def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mapping[str, Any], path: Path,
-               echo: Callable[[str], None]):
-    from mlflow.entities import Param
-
-    from losstune.search.tracking import get_or_create_experiment, mlflow_client
+               echo: Callable[[str], None]) -> RunHandle | None:
+    """A new MLflow run of the training (nested under the sweep's parent run when the store has it)."""
     try:
         client = mlflow_client(uri)
         experiment_id = get_or_create_experiment(client, experiment, uri)
@@ -254,52 +249,40 @@ def _start_run(uri: str, experiment: str, config: TrainConfig, provenance: Mappi
                 "losstune.config": str(path.resolve())}
         parent = (provenance.get("mlflow") or {}).get("parent_run_id")
         if parent:
-            try:
-                client.get_run(parent)
+            if RunHandle(client, parent).exists():
                 tags["mlflow.parentRunId"] = parent
-            except Exception:  # noqa: BLE001 - a parent in another store: keep the link as a plain tag
+            else:  # a parent in another store: keep the link as a plain tag
                 echo(f"[losstune] warning: parent run {parent} is not in {uri}; the run is not nested")
             tags["losstune.parent_run_id"] = parent
         for key in ("sweep", "trial_id"):
             if provenance.get(key):
                 tags[f"losstune.{key}"] = str(provenance[key])
         name = f"{provenance.get('sweep') or path.stem}-final"
-        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-        log_batch_chunked(client, run_id, params=[Param(k, param_value(v))
-                                                  for k, v in flatten(config.model_dump()).items()])
-        return client, run_id
+        return RunHandle.create(client, experiment_id, name, tags, flatten(config.model_dump()))
     except Exception as err:  # noqa: BLE001
         echo(f"[losstune] warning: MLflow run not created ({type(err).__name__}: {err}); training anyway")
-        return None, None
+        return None
 
 
-def _reopen_run(uri: str, run_id: str | None, history: list[Mapping[str, Any]], echo: Callable[[str], None]):
+def _reopen_run(uri: str, run_id: str | None, history: list[Mapping[str, Any]],
+                echo: Callable[[str], None]) -> RunHandle | None:
     """The interrupted training's MLflow run, running again, with any epoch of ``history`` it is missing
-    (the state is saved before an epoch is logged); (None, None) when it cannot be reopened."""
+    (the state is saved before an epoch is logged); None when it cannot be reopened."""
     if not run_id:
-        return None, None
-    from losstune.search.tracking import mlflow_client
+        return None
     try:
-        client = mlflow_client(uri)
-        client.get_run(run_id)
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "losstune.status", TrialStatus.RUNNING.value)
-        logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
+        run = RunHandle.reopen(mlflow_client(uri), run_id, tags={STATUS_TAG: TrialStatus.RUNNING.value})
+        logged = run.logged_steps("epoch")
         for epoch, metrics in enumerate(history, start=1):
             if epoch not in logged:
-                _log_epoch(client, run_id, epoch, metrics, echo)
-        return client, run_id
+                _log_epoch(run, epoch, metrics, echo)
+        return run
     except Exception as err:  # noqa: BLE001
         echo(f"[losstune] warning: MLflow run {run_id} of the interrupted training cannot be reopened "
              f"({type(err).__name__}: {err}); logging to a new run")
-        return None, None
+        return None
 
 
-def _log_epoch(client, run_id: str, epoch: int, metrics: Mapping[str, Any], echo: Callable[[str], None]) -> None:
-    import time
-
-    from mlflow.entities import Metric
-    ts = int(time.time() * 1000)
-    batch = [Metric(k, float(v), ts, int(epoch)) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isinf(v))]
-    best_effort(lambda: log_batch_chunked(client, run_id, metrics=batch), echo)
+def _log_epoch(run: RunHandle, epoch: int, metrics: Mapping[str, Any], echo: Callable[[str], None]) -> None:
+    finite = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isinf(v))}
+    best_effort(lambda: run.log_metrics(finite, step=epoch), echo)

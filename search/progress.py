@@ -1,4 +1,6 @@
-"""A compact live status line during a sweep (a ``ray.tune.Callback``).
+"""What a sweep prints while it runs: two ``ray.tune.Callback`` classes (Tune's own tables are switched off).
+
+:class:`ProgressCallback`: one line per trial start and end. :class:`SweepStatus`, a compact live status line:
 
     [losstune] 3/8 done (2 finished, 1 stopped, 0 diverged) · 2 running · best composite 0.5514 (dc66737a) · ETA ~1m10s
 
@@ -19,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from ray import tune
 
-from losstune.search.formatting import format_duration
+from losstune.search.formatting import format_duration, format_value
 from losstune.search.status import TrialStatus
 
 DEFAULT_INTERVAL = 10.0
@@ -27,6 +29,40 @@ QUIET_REPRINT_S = 60.0
 # what the status line counts
 COUNTED = (TrialStatus.RUNNING, TrialStatus.PENDING, TrialStatus.FINISHED, TrialStatus.STOPPED_EARLY,
            TrialStatus.DIVERGED, TrialStatus.FAILED, TrialStatus.INTERRUPTED)
+
+
+class ProgressCallback(tune.Callback):
+    """One line per trial start / end on stdout."""
+
+    def __init__(self, max_epochs: int, decode=None, total: int | None = None):
+        self.max_epochs, self.decode, self.total = max_epochs, decode, total
+
+    @staticmethod
+    def _done(trials, trial) -> int:
+        ended = ("TERMINATED", "ERROR")
+        return sum(t.status in ended for t in trials) + (trial.status not in ended)
+
+    def _params(self, trial) -> str:
+        try:
+            values = self.decode(trial.config) if self.decode else trial.config
+        except Exception:  # noqa: BLE001
+            values = trial.config
+        return " ".join(f"{k}={format_value(v)}" for k, v in values.items())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[losstune] start  {trial.trial_id}  {self._params(trial)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        iters = int(last.get("training_iteration") or 0)
+        status = TrialStatus.of_completed(last, self.max_epochs)
+        of = f"/{self.total}" if self.total else ""
+        print(f"[losstune] {status.label:<13} {trial.trial_id}  epochs {iters}/{self.max_epochs}  "
+              f"composite {format_value(last.get('composite'))}  ssim {format_value(last.get('ssim'))}  "
+              f"mse {format_value(last.get('mse'))}  ({self._done(trials, trial)}{of} done)", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[losstune] FAILED {trial.trial_id}: see {trial.path}/error.txt", flush=True)
 
 
 def progress_interval(default: float = DEFAULT_INTERVAL) -> float:

@@ -15,11 +15,12 @@ from typing import Any, Callable
 
 from losstune.search import space as sp
 from losstune.search.config import Sweep
+from losstune.search.progress import ProgressCallback
 from losstune.search.ray_session import (NO_RESULTS_YET, TUNE_RESTORE_HINT, local_session_root, no_tensorboard_logger,
                                          without_ray_notices)
 from losstune.search.sweep_record import SweepRun
 from losstune.search.study import open_storage, remove_study
-from losstune.search.tracking import ProgressCallback, TrackingCallback
+from losstune.search.tracking import TrackingCallback
 from losstune.search.tune_state import known_trial_ids
 from losstune.search.tune_state import repair as repair_tune_state
 

@@ -129,7 +129,8 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from losstune.search.tracking import ProgressCallback, TrackingCallback
+    from losstune.search.progress import ProgressCallback
+    from losstune.search.tracking import TrackingCallback
 
     name = restore or next_round(root)
     local_dir = local_root / name

@@ -261,6 +261,29 @@ def test_tracking_callback_resume_reuses_runs(tmp_path, mlflow_uri, mlflow_runs)
     assert {k: v["status"] for k, v in statuses.items()} == {"aaa": "finished", "bbb": "finished"}
 
 
+def test_tracking_callback_finds_the_run_a_killed_driver_made_but_did_not_save(tmp_path, mlflow_uri, mlflow_runs):
+    """A trial the runs file names without a run id (the driver died between saving the entry and saving the
+    run id) is looked up by its tags and continues in that run; a trial new to the sweep gets a new run."""
+    from losstune.search.tracking import SweepTracker, TrackingCallback, read_runs_file, write_json_atomic
+
+    tracker = SweepTracker(mlflow_uri, "found")
+    parent = tracker.start("f", {}, {})
+    made = tracker.client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": parent,
+                                                                  "losstune.trial_id": "old"}).info.run_id
+    write_json_atomic(tmp_path / "mlflow_runs.json", {"old": {"run_id": None, "status": "running", "epochs": 0}})
+    cb = TrackingCallback(tmp_path, mlflow_uri, tracker.experiment_id, parent, max_epochs=2, flush_interval=0.05)
+    cb.setup()
+    for trial_id in ("old", "new"):
+        _drive(cb, _FakeTrial(trial_id, {"w": 1}), range(1, 3))
+    cb.close(timeout=30)
+    runs = [r for r in mlflow_runs(mlflow_uri, "found") if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert sorted(r.data.tags["losstune.trial_id"] for r in runs) == ["new", "old"]
+    assert read_runs_file(tmp_path)["old"]["run_id"] == made
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["losstune.status"] == "finished"
+        assert run.data.metrics["epoch"] == 2.0
+
+
 def test_tracking_callback_logs_the_image_series_as_mlflow_does(tmp_path, mlflow_uri, mlflow_runs):
     """Per epoch: the trial's PNG as it is + a WebP thumbnail (the trial's, else made from the PNG), named as
     MlflowClient.log_image(key="predictions", step=...) names them, and the loggedImages tag."""

@@ -1,0 +1,89 @@
+"""The tracking package's parts that need no MLflow store: pickling, the runs book, typed events."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+
+class _Trial:
+    def __init__(self, trial_id: str, last_result=None):
+        self.trial_id, self.config, self.last_result = trial_id, {"w": 0.1}, last_result
+
+    def __str__(self) -> str:
+        return f"trial_{self.trial_id}"
+
+
+def test_callback_pickles_its_settings_only_and_tune_state_restores_the_runs(tmp_path):
+    from losstune.search.tracking import TrackingCallback, read_runs_file
+
+    cb = TrackingCallback(tmp_path, None, None, None, max_epochs=2, tags={"losstune.task": "t"}, flush_interval=0.01)
+    cb.on_trial_start(0, [], _Trial("a"))
+    cb.on_trial_result(0, [], _Trial("a"), {"training_iteration": 1, "composite": 0.5})
+    cb.on_trial_complete(0, [], _Trial("a", {"training_iteration": 2, "diverged": 0.0}))
+    assert cb.flush(timeout=10)
+    state = cb.get_state()
+    restored = pickle.loads(pickle.dumps(cb))  # as Tune keeps it in tuner.pkl
+    assert restored.runs() == {}  # the runtime (runs book, writer thread) is not pickled
+    assert {k: restored.__dict__[k] for k in TrackingCallback._SETTINGS} == \
+        {k: cb.__dict__[k] for k in TrackingCallback._SETTINGS}
+    assert TrackingCallback.for_sweep(tmp_path) is restored
+    restored.set_state(state)
+    assert restored.statuses() == {"a": "finished"}
+    cb.close(timeout=10)
+    restored.close(timeout=10)
+    entry = read_runs_file(tmp_path)["a"]
+    assert entry["status"] == "finished" and entry["epochs"] == 2 and entry["composite"] == 0.5
+    assert entry["params"] == {"w": 0.1}
+
+
+def test_runs_book_marks_only_trials_that_would_run_again(tmp_path):
+    from losstune.search.status import TrialStatus
+    from losstune.search.tracking import RunsBook
+
+    book = RunsBook(tmp_path)
+    book.merge({"done": {"status": "finished"}, "lost": {"status": "lost"}, "going": {"status": "running"},
+                "later": {"status": "interrupted"}})
+    assert book.mark_lost(["done", "going"]) == ["later"]
+    assert book.mark_interrupted() == ["going"]
+    assert book.statuses() == {"done": "finished", "lost": "lost", "going": "interrupted", "later": "lost"}
+    book.set_status("going", TrialStatus.RUNNING, epochs=3)
+    book.save()
+    assert not book.dirty
+    again = RunsBook(tmp_path)
+    again.load()
+    assert again.runs() == book.runs()
+
+
+def test_pending_writes_take_typed_events_only(tmp_path):
+    from losstune.search.status import TrialStatus
+    from losstune.search.tracking import RunsBook
+    from losstune.search.tracking.events import TrialEnded, TrialResult, TrialStarted
+    from losstune.search.tracking.pending import PendingWrites
+
+    pending = PendingWrites(RunsBook(tmp_path), decode=lambda c: {"decoded": c["w"]})
+    pending.apply(TrialStarted("a", {"w": 1}, "run-a"))
+    pending.apply(TrialResult("a", 1, {"training_iteration": 1, "loss": 2.0, "num_val": 8, "node_ip": "h"}, 5))
+    pending.apply(TrialEnded("a", TrialStatus.FINISHED))
+    state = pending.trials["a"]
+    assert state.params == {"decoded": 1} and state.name == "run-a" and state.end is TrialStatus.FINISHED
+    assert sorted((m.key, m.value, m.step) for m in state.metrics) == [("loss", 2.0, 1), ("num_val", 8.0, 1)]
+    assert state.data_params == {"num_val": 8} and state.tags == {"losstune.node_ip": "h"}
+    with pytest.raises(TypeError):
+        pending.apply(("result", "a", 1, {}, 0))
+
+
+def test_with_mlflow_off_events_reach_the_runs_book_only(tmp_path):
+    from losstune.search.tracking import RunsBook
+    from losstune.search.tracking.events import CheckpointFiles, TrialResult, TrialStarted
+    from losstune.search.tracking.pending import PendingWrites
+
+    book = RunsBook(tmp_path)
+    pending = PendingWrites(book, mlflow=False)
+    pending.apply(TrialStarted("a", {"w": 1}, "run-a"))
+    pending.apply(TrialResult("a", 2, {"training_iteration": 2, "composite": 0.25}, 5))
+    pending.apply(CheckpointFiles("a", 2, {"predictions.png": b"png"}, 5))
+    assert not pending.trials and not pending.any()
+    assert book.runs() == {"a": {"run_id": None, "status": "running", "epochs": 2, "composite": 0.25,
+                                 "params": {"w": 1}}}
