@@ -4,7 +4,7 @@ losstune relies on a few things these libraries do not promise: the attributes o
 ``OptunaSearch`` that map Tune trials to Optuna trials, the storage behind an Optuna study, the
 folder of the local Ray node's session, the name of the logger Ray's token-authentication
 notice comes from, and Ray's GCS client, the one way to ask a cluster whether it accepts this
-driver's token without ``ray.init``. Each assumption has its own test in tests/test_internals.py, so a Ray or Optuna
+driver's token without ``ray.init``, and the authentication mode Ray uses. Each assumption has its own test in tests/test_internals.py, so a Ray or Optuna
 upgrade that changes one fails there, and only there (pyproject.toml caps both versions for this).
 """
 
@@ -43,6 +43,14 @@ def ray_session_root() -> Path | None:
     if node is None:
         return None
     return Path(node.get_session_dir_path()).parent
+
+
+def ray_auth_mode() -> str:
+    """The authentication mode this process's Ray uses: ``"TOKEN"``, ``"DISABLED"`` (or Ray's name of another)."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    mode = get_authentication_mode()
+    return {AuthenticationMode.TOKEN: "TOKEN", AuthenticationMode.DISABLED: "DISABLED"}.get(mode, str(mode))
 
 
 # A script (run as ``python -c RAY_AUTH_PROBE ADDRESS``) that asks the cluster's GCS for one key with Ray's

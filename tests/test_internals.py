@@ -88,3 +88,9 @@ def test_gcs_client_probe_tells_an_accepted_from_a_refused_token(ray_local):
         refused = subprocess.run([sys.executable, "-c", internals.RAY_AUTH_PROBE, address], env=env, timeout=60,
                                  stderr=subprocess.DEVNULL)
         assert refused.returncode == internals.RAY_AUTH_REFUSED
+
+
+def test_ray_auth_mode_is_read_from_ray(ray_local):
+    """Ray still exposes its authentication mode where ray_auth_mode reads it (which mode a new local
+    cluster gets is tests/test_sweep.py's test_local_ray_starts_with_token_auth_and_no_warning)."""
+    assert internals.ray_auth_mode() in {"TOKEN", "DISABLED"}

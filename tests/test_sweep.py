@@ -393,13 +393,12 @@ _START_LOCAL_RAY = """
 import sys
 sys.path.insert(0, {repo!r})
 import ray
-from ray._raylet import AuthenticationMode, get_authentication_mode  # what Ray uses (private, test only)
 from losstune.search.config import validate_sweep
+from losstune.search.internals import ray_auth_mode
 from losstune.search.ray_session import init_ray
 sweep = validate_sweep({config!r}, source="<test>", deep=False)
 assert init_ray(sweep)
-mode = get_authentication_mode()
-print("auth mode:", {{AuthenticationMode.TOKEN: "TOKEN", AuthenticationMode.DISABLED: "DISABLED"}}.get(mode, mode))
+print("auth mode:", ray_auth_mode())
 ray.shutdown()
 """
 
