@@ -47,6 +47,14 @@ class TrialIdOptunaSearch(OptunaSearch):
             trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return params
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # a resume from a snapshot older than a trial's end trains its last epochs again from an earlier
+        # checkpoint; Optuna already has that trial's final value, and a finished Optuna trial takes no reports
+        ot_trial = searcher_trials(self).get(trial_id)
+        if ot_trial is not None and is_finished_in_storage(self, ot_trial):
+            return
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
         # a resume from a snapshot taken between a trial's last checkpoint and its end completes it again
         # (from that checkpoint, training nothing): Optuna has its value already, telling twice only warns
