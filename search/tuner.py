@@ -78,14 +78,6 @@ def _restore(run: SweepRun, trainable, tune_dir: str) -> tuple[Any, TrackingCall
     settle_lost_trials(run, tune_dir, callback)
     return tuner, callback
 
-# Checkpoints a trial keeps. Tune saves its experiment state (every trial's status, the searcher) each time a
-# trial has written this many checkpoints since the last save, so that the saved state never names a
-# checkpoint already deleted. With 2 that is every second epoch of a trial instead of every epoch, and a
-# resume still finds every checkpoint its state names. The saves were the largest cost of the driver per
-# result: ~14 ms of CPU each in a 16-trial sweep, ~60 ms per trial at one save per epoch (benchmarks/overhead.py
-# protocol); the price is one more checkpoint per trial on disk.
-CHECKPOINTS_KEPT = 2
-
 
 def _build(run: SweepRun, trainable) -> tuple[Any, TrackingCallback]:
     from ray import tune
@@ -110,7 +102,7 @@ def _build(run: SweepRun, trainable) -> tuple[Any, TrackingCallback]:
     run_config = tune.RunConfig(
         name=sweep.name, storage_path=sweep.storage_path,
         failure_config=tune.FailureConfig(max_failures=2),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         callbacks=[callback, ProgressCallback(sweep.epochs, decoder(sweep), sweep.search.num_samples),
                    *status_line(sweep), CSVLoggerCallback(), JsonLoggerCallback()],
         verbose=0)

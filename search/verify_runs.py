@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping, Sequence
 from losstune.search.status import TrialStatus
 from losstune.search.tracking import STAGE_TAG, numeric_metrics, read_runs_file
 from losstune.search.trials import fs_and_path, read_results, read_text
-from losstune.search.tuner import CHECKPOINTS_KEPT
 from losstune.search.verify_plan import PlannedRun
 from losstune.trainables.terms import shaping_weight_names
 
@@ -161,7 +160,7 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
                                         trial_dirname_creator=run_dirname, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=root, failure_config=tune.FailureConfig(max_failures=2),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[callback, ProgressCallback(epochs, decode, len(configs)), CSVLoggerCallback(),
                            JsonLoggerCallback()], verbose=0))
         out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
