@@ -4,7 +4,7 @@ losstune relies on a few things these libraries do not promise: the attributes o
 ``OptunaSearch`` that map Tune trials to Optuna trials, the storage behind an Optuna study, the
 folder of the local Ray node's session, the name of the logger Ray's token-authentication
 notice comes from, and Ray's GCS client, the one way to ask a cluster whether it accepts this
-driver's token without ``ray.init``, and the authentication mode Ray uses. Each assumption has its own test in tests/test_internals.py, so a Ray or Optuna
+driver's token without ``ray.init``, and the authentication mode Ray uses. Each assumption has its own test in tests/search/test_internals.py, so a Ray or Optuna
 upgrade that changes one fails there, and only there (pyproject.toml caps both versions for this).
 """
 

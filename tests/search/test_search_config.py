@@ -18,7 +18,7 @@ from losstune.search import space as sp
 from losstune.search.cli import main
 from losstune.search.config import SweepConfigError, load_sweep, resolve_tracking_uri, validate_sweep
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = {
     "name": "cfgtest",

@@ -9,7 +9,7 @@ import yaml
 
 from losstune.search.config import SweepConfigError, load_sweep, validate_sweep
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name, on", [("quickstart", True), ("microstructure", True), ("microscopy", True),

@@ -151,7 +151,7 @@ def test_ctrl_c_keeps_finished_runs_and_a_rerun_continues(verified, mlflow_runs,
     finished; the rerun continues the interrupted round (same MLflow child runs) and only then concludes."""
     sweep_dir, uri, _ = verified
     summary = json.loads((sweep_dir / "verify" / "summary.json").read_text())
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent)])
     log = sweep_dir.parent / "ctrl_c.log"

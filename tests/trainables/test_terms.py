@@ -21,7 +21,7 @@ from losstune.trainables.config import ConfigError, TrainConfig, parse_train_con
 from losstune.trainables.terms import (BUILTIN_TERMS, LossTerm, declare_terms, loss_terms, matched_baseline,
                                        shaping_weight_names)
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: plugin_task, verify_tasks, conftest
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 

@@ -24,8 +24,8 @@ import yaml
 from losstune.search.cli import main
 from losstune.search.config import SweepConfigError, load_sweep, validate_sweep
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]  # tests/: plugin_task, verify_tasks, conftest
 
 TINY = {  # a valid, tiny microstructure sweep; every case breaks one thing in it
     "name": "badin",

@@ -181,7 +181,7 @@ def test_a_process_exiting_while_the_helper_trains_exits_cleanly(tmp_path):
     import subprocess
     import sys
 
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     # ~30 steps of ~50+ ms: an epoch long enough that the exit lands inside one
     config = {**CONFIG, "epochs": 50, "batch_size": 2,
               "data": {"size": 48, "num_sequences": 12, "frames": 8, "seq_length": 3},

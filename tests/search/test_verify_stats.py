@@ -110,7 +110,7 @@ def _verify_by_training(task: str) -> dict:
 @pytest.fixture
 def plugin_tasks_importable(monkeypatch):
     from pathlib import Path
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
 
 
 def test_a_term_that_matters_is_significant(plugin_tasks_importable):

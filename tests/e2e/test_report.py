@@ -27,7 +27,7 @@ from losstune.search.progress import SweepStatus, format_duration
 from losstune.search.report import FIGURES, is_mse_only, param_importances
 from losstune.search.trials import load_results
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
 ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "RAY_ADDRESS")
 

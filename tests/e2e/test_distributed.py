@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]  # tests/: plugin_task, verify_tasks, conftest
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def build_slow(config):
 def _env(ray_tmp: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS") and not k.startswith("MLFLOW_TRACKING_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])  # the plug-in imports on every node
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(Path(__file__).resolve().parent), str(REPO)])  # the plug-in imports on every node
     env["RAY_TMPDIR"] = ray_tmp
     env.setdefault("RAY_DEDUP_LOGS", "0")
     return env

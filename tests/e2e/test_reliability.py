@@ -34,8 +34,8 @@ import yaml
 
 from losstune.search.study import load_study
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]  # tests/: plugin_task, verify_tasks, conftest
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +106,7 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS") and not k.startswith("MLFLOW_TRACKING_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(Path(__file__).resolve().parent), str(REPO)])
     env.setdefault("RAY_DEDUP_LOGS", "0")
     env.update(extra)
     return env

@@ -21,7 +21,7 @@ import yaml
 
 from losstune.search.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 20
 # ~0.2 s per epoch: long enough for the Ctrl-C to land well before the end
 CONFIG = {"task": "microstructure", "seed": 0, "epochs": EPOCHS, "batch_size": 4, "lr": 3.0e-3, "device": "cpu",

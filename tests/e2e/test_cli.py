@@ -25,7 +25,7 @@ import yaml
 from losstune.search.cli import main
 from losstune.search.config import load_sweep
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
 TINY = ["train.epochs=1", "search.num_samples=2", "search.points_to_evaluate=[]"]
 

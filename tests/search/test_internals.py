@@ -92,5 +92,5 @@ def test_gcs_client_probe_tells_an_accepted_from_a_refused_token(ray_local):
 
 def test_ray_auth_mode_is_read_from_ray(ray_local):
     """Ray still exposes its authentication mode where ray_auth_mode reads it (which mode a new local
-    cluster gets is tests/test_sweep.py's test_local_ray_starts_with_token_auth_and_no_warning)."""
+    cluster gets is tests/e2e/test_sweep.py's test_local_ray_starts_with_token_auth_and_no_warning)."""
     assert internals.ray_auth_mode() in {"TOKEN", "DISABLED"}

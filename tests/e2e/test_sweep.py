@@ -21,7 +21,7 @@ from losstune.search.cli import main
 from losstune.search.study import load_study
 from losstune.search.trials import load_results, pareto_front
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
 LOOP_METRICS = {"loss", "loss_pixel", "val_loss", "ssim", "mse", "psnr", "gradient_match", "sharpness_ratio",
                 "histogram_distance", "composite", "num_val",
@@ -135,7 +135,7 @@ def test_smoke_sweep_end_to_end(tmp_path, ray_local, clean_env, capsys, mlflow_r
     assert "composite" in final.data.metrics and final.data.params["epochs"] == "1"
 
     # the same --name again without --resume: refused, nothing clobbered (without --name the sweep would
-    # run as smoke-2: tests/test_cli.py)
+    # run as smoke-2: tests/e2e/test_cli.py)
     rc, _, _ = _sweep(tmp_path, SMOKE, "smoke", "--name", "smoke")
     assert rc == 2 and (sweep_dir / "best.yaml").is_file() and not (sweep_dir.parent / "smoke-2").exists()
 
