@@ -42,12 +42,12 @@ def repo_root() -> Path:
 def ray_local():
     """A local Ray with 2 CPUs for the whole session (started on first use, shut down at the end).
 
-    ``tests/`` and the repository root are put on the workers' PYTHONPATH so plug-in tasks such as
-    ``plugin_task:build`` import inside trials.
+    ``tests/``, ``tests/e2e/`` and the repository root are put on the workers' PYTHONPATH so plug-in tasks
+    such as ``plugin_task:build`` and ``test_reliability:build_slow`` import inside trials.
     """
     import ray
 
-    paths = [str(TESTS), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(TESTS), str(TESTS / "e2e"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     for p in (str(TESTS), str(REPO)):
         if p not in sys.path:
