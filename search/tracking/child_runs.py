@@ -68,9 +68,9 @@ class ChildRuns:
     def sync(self, pending: PendingWrites, everything: bool = False) -> None:
         """Write what is pending (raises on the first MLflow failure: what was not written stays pending).
 
-        A running trial's metrics are held until :data:`METRICS_EVERY_S` after its last batch, so one
-        ``log_batch`` carries several results (its fixed cost is most of a batch's cost); the first batch
-        of a run, a trial's end, and ``everything`` (a flush, the end of the sweep) do not wait.
+        A running trial's metrics (and images) are held until :data:`METRICS_EVERY_S` after its last batch of
+        metrics, so one ``log_batch`` carries several results (its fixed cost is most of a batch's cost); a
+        run's first metrics, a trial's end, and ``everything`` (a flush, the end of the sweep) do not wait.
         """
         now = time.monotonic()
         for state in list(pending.trials.values()):
@@ -96,8 +96,8 @@ class ChildRuns:
         self.book.save()  # before anything else: a driver killed from here on finds the run again
 
     def _write(self, state: TrialState, batch_due: bool) -> None:
-        """One ``log_batch`` (params, metrics, tags: the status tag too when the run ends; when ``batch_due``
-        or the trial ends), one artifact upload (the image series; the files when the trial ends), then the
+        """When ``batch_due`` or the trial ends: one ``log_batch`` (params, metrics, tags: the status tag too
+        when the run ends) and one artifact upload (the image series; the files when the trial ends); then the
         run's end."""
         from mlflow.entities import Param, RunTag
         run = RunHandle(self.client, state.run_id)
@@ -113,11 +113,13 @@ class ChildRuns:
             run.log_batch(metrics=state.metrics, params=[Param(k, v) for k, v in params.items()],
                           tags=[RunTag(k, v) for k, v in tags.items()])
             self.num_batches += 1
-            state.written_at = time.monotonic()
+            if state.metrics:  # a batch of params and tags alone (the run's opening) holds no later metrics back
+                state.written_at = time.monotonic()
             state.data_params_logged.update(state.data_params)
             state.metrics, state.tags, state.params_pending, state.data_params = [], {}, {}, {}
-        # the image series every epoch; the newest predictions.png / config.yaml once, when the trial ends
-        if state.images or (state.files and state.end):
+        # the image series (every epoch's image, uploaded with the metrics' batch: one upload per batch); the
+        # newest predictions.png / config.yaml once, when the trial ends
+        if (state.images and (batch_due or state.end)) or (state.files and state.end):
             self._log_artifacts(run, state)
         if state.end:
             run.terminate(state.end.run_status)

@@ -38,7 +38,7 @@ class TrialState:
         self.params_pending: dict[str, str] = {}   # of a run just made: logged with its first metrics
         self.name = trial_id
         self.metrics: list = []                    # mlflow.entities.Metric, not yet logged
-        self.written_at = -math.inf                # monotonic time of the run's last log_batch
+        self.written_at = -math.inf                # monotonic time of the run's last log_batch with metrics
         self.tags: dict[str, str] = {}
         self.end: TrialStatus | None = None        # the run is to end with this status
         self.started = False
