@@ -19,7 +19,9 @@
 
 Where the time goes, as CPU seconds (the machine's cores are all busy during a sweep, so every CPU second
 spent outside training lengthens it): the driver process's CPU during the sweep (``getrusage``) for
-losstune, losstune with MLflow off, and bare Ray Tune; and the CPU a fresh trial process spends before its
+losstune, losstune with MLflow off, and bare Ray Tune, beside the CPU of the process that does the sqlite
+store's MLflow work for the driver (its start-up included; ``sweep.json``'s ``tracking.store_process_cpu_s``);
+and the CPU a fresh trial process spends before its
 first step (interpreter, ``ray.tune``, ``torch``, the first ``torch.optim`` optimiser), measured in a
 subprocess. That start-up alone puts a floor under any runner that trains in Ray worker processes:
 ``1 + concurrency x start-up CPU / Σ trial training time``.
@@ -141,7 +143,8 @@ def _phase_timer():
     return PhaseTimer()
 
 
-def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = True) -> dict[str, Any]:
+def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = True,
+                 store_process: bool | str = "auto") -> dict[str, Any]:
     import ray
 
     from losstune.search import tuner
@@ -156,6 +159,8 @@ def run_losstune(s: dict[str, Any], tmp: Path, log: io.StringIO, mlflow: bool = 
     config = sweep_yaml(s, name, tmp / "res", uri)
     if not mlflow:
         config["mlflow"] = {"enabled": False}
+    else:
+        config["mlflow"]["store_process"] = store_process
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     _prepare_mlflow_store(uri)
     cli_args = ["sweep", str(cfg_path), "--results-dir", str(tmp / "res")]
@@ -280,6 +285,11 @@ def run_plain(configs: list[dict[str, Any]], sweep) -> dict[str, Any]:
             **_epoch_sums(histories)}
 
 
+def store_process_auto() -> bool:
+    from losstune.search.tracking.store_process import wanted
+    return wanted("auto", "sqlite:///x.db")
+
+
 # ----- main -------------------------------------------------------------------------------------------
 def _ratio(r: dict[str, Any], wall_key: str, c: int) -> float:
     return r[wall_key] / (r["sum_epoch_time_s"] / c) if r["sum_epoch_time_s"] > 0 else math.nan
@@ -298,7 +308,7 @@ def main(argv=None) -> dict[str, Any]:
     log = io.StringIO()
     with tempfile.TemporaryDirectory(prefix="losstune-bench-overhead-") as tmpdir:
         tmp = Path(tmpdir)
-        for sub in ("warm_up", "losstune", "losstune_half", "losstune_no_mlflow"):
+        for sub in ("warm_up", "losstune", "losstune_half", "losstune_no_mlflow", "losstune_store_process"):
             (tmp / sub).mkdir()
         # a tiny sweep first: the driver's lazy imports (MLflow, Tune, Optuna's TPE) and the OS file cache then
         # cost every timed run the same (the first run used to pay them alone, which inflated the marginal ratio)
@@ -309,6 +319,8 @@ def main(argv=None) -> dict[str, Any]:
         lt_half.pop("configs"), lt_half.pop("sweep")
         lt_nomlflow = run_losstune(s, tmp / "losstune_no_mlflow", io.StringIO(), mlflow=False)
         lt_nomlflow.pop("configs"), lt_nomlflow.pop("sweep")
+        lt_helper = run_losstune(s, tmp / "losstune_store_process", io.StringIO(), store_process=True)
+        lt_helper.pop("configs"), lt_helper.pop("sweep")
         bare = run_bare_tune(s, tmp)
         bare_reuse = run_bare_tune(s, tmp, reuse_actors=True)
         plain = run_plain(configs, sweep)
@@ -321,7 +333,8 @@ def main(argv=None) -> dict[str, Any]:
             ("bare_ray_tune_reuse_actors", "bare Ray Tune + OptunaSearch, reuse_actors", bare_reuse, conc),
             ("plain_python_loop", "plain Python loop", plain, 1),
             ("losstune_half", f"losstune, {half['num_samples']} trials (for the marginal cost)", lt_half, conc),
-            ("losstune_no_mlflow", "losstune, MLflow off", lt_nomlflow, conc)):
+            ("losstune_no_mlflow", "losstune, MLflow off", lt_nomlflow, conc),
+            ("losstune_store_process", "losstune, mlflow.store_process: true", lt_helper, conc)):
         r["concurrency"] = c
         r["ratio_excl_ray_start"] = _ratio(r, "sweep_wall_s", c)
         r["ratio_incl_ray_start"] = _ratio(r, "total_wall_s", c)
@@ -342,16 +355,23 @@ def main(argv=None) -> dict[str, Any]:
     # ratio ÷ ratio, not wall ÷ wall: the machine's speed drifts between runs (Σ train differs for the same work)
     results["ratio_vs_bare_reuse"] = lt["ratio_excl_ray_start"] / bare_reuse["ratio_excl_ray_start"]
     cpu_rows = []
-    for key, label in (("losstune", "losstune"), ("losstune_no_mlflow", "losstune, MLflow off"),
+    for key, label in (("losstune", f"losstune (store_process: auto = {store_process_auto()})"),
+                       ("losstune_store_process", "losstune, mlflow.store_process: true"),
+                       ("losstune_no_mlflow", "losstune, MLflow off"),
                        ("bare_ray_tune_reuse_actors", "bare Ray Tune + OptunaSearch, reuse_actors")):
         r = results[key]
         r["driver_cpu_ms_per_trial"] = 1000 * r["driver_cpu_s"] / max(1, r["num_trials"])
+        # a database store's MLflow work runs in the writer's helper process (its CPU, start-up included)
+        r["store_process_cpu_s"] = float(r.get("tracking", {}).get("store_process_cpu_s") or 0.0)
+        r["store_process_cpu_ms_per_trial"] = 1000 * r["store_process_cpu_s"] / max(1, r["num_trials"])
         cpu_rows.append([label, r["driver_cpu_s"], r["driver_cpu_ms_per_trial"],
-                         r["driver_cpu_s"] / r["sum_epoch_time_s"] if r["sum_epoch_time_s"] > 0 else math.nan])
+                         r["driver_cpu_s"] / r["sum_epoch_time_s"] if r["sum_epoch_time_s"] > 0 else math.nan,
+                         r["store_process_cpu_ms_per_trial"]])
     headers = ["runner", "conc", "trials", "train s/trial", "Σ train s", "ray start s", "sweep wall s",
                "wall incl. ray s", "ratio (excl. ray start)", "ratio (incl. ray start+stop)"]
     text = common.table(headers, rows)
-    cpu_text = common.table(["runner", "driver CPU s (sweep)", "driver CPU ms / trial", "÷ Σ train s"], cpu_rows)
+    cpu_text = common.table(["runner", "driver CPU s (sweep)", "driver CPU ms / trial", "÷ Σ train s",
+                             "MLflow helper process CPU ms / trial"], cpu_rows)
     phases = lt.get("phases_s", {})
     phase_text = common.table(["losstune sweep phase", "s"], [[k.replace("_", " "), v] for k, v in phases.items()])
     print(f"\nSweep overhead: {n} trials x {s['epochs']} epochs, concurrency {conc}"

@@ -48,10 +48,17 @@ def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
         if "ratio_vs_bare_reuse" in r:
             rows.append([name, "losstune ratio ÷ bare Ray Tune (reuse_actors) ratio (what losstune adds to Tune)",
                          r["ratio_vs_bare_reuse"], "", ""])
-        keys = ("losstune", "losstune_no_mlflow", "bare_ray_tune_reuse_actors")
+        keys = ("losstune", "losstune_store_process", "losstune_no_mlflow", "bare_ray_tune_reuse_actors")
         if all("driver_cpu_ms_per_trial" in r.get(k, {}) for k in keys):
-            rows.append([name, "driver CPU ms per trial: losstune / MLflow off / bare Ray Tune (reuse_actors)",
-                         " / ".join(f"{r[k]['driver_cpu_ms_per_trial']:.0f}" for k in keys), "", ""])
+            rows.append([name, "driver CPU ms per trial: losstune (default) / store_process: true (+ its helper) / "
+                               "MLflow off / bare Ray Tune (reuse_actors)",
+                         " / ".join(f"{r[k]['driver_cpu_ms_per_trial']:.0f}"
+                                    + (f" (+{r[k]['store_process_cpu_ms_per_trial']:.0f})"
+                                       if r[k].get("store_process_cpu_ms_per_trial") else "") for k in keys), "", ""])
+        if "losstune_store_process" in r:
+            rows.append([name, "losstune ratio with mlflow.store_process: true (excl. / incl. Ray start)",
+                         f"{common.fmt(r['losstune_store_process']['ratio_excl_ray_start'])} / "
+                         f"{common.fmt(r['losstune_store_process']['ratio_incl_ray_start'])}", "", ""])
     elif name == "mlflow_cost" and "ray" in r:
         rows.append([name, "ray.air MLflowLoggerCallback ms per result (driver = end-to-end)",
                      r["ray"]["end_to_end_ms_per_result"], "", ""])

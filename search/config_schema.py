@@ -119,6 +119,9 @@ class MlflowSection(_Section):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI
     experiment: str | None = Field(None, min_length=1)  # None: $MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT
     enabled: bool = True
+    # a database store's (sqlite) MLflow work in a helper process instead of the driver: true / false / auto
+    # (auto: true on a machine with at least STORE_PROCESS_MIN_CPUS cores; see search.tracking.store_process)
+    store_process: bool | Literal["auto"] = "auto"
 
     @field_validator("tracking_uri")
     @classmethod

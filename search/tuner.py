@@ -89,7 +89,7 @@ def _build(run: SweepRun, trainable) -> tuple[Any, TrackingCallback]:
     callback = TrackingCallback(
         run.sweep_dir, run.tracking_uri, run.record.experiment_id, run.record.parent_run_id, sweep.epochs,
         decode=decoder(sweep), tags={"losstune.task": str(sweep.base_train["task"]), "losstune.sweep": sweep.name},
-        flush_timeout=run.flush_timeout)
+        flush_timeout=run.flush_timeout, store_process=sweep.file.mlflow.store_process)
     metric, mode = sweep.metric_mode()
     single = isinstance(metric, str)
     tune_config = tune.TuneConfig(

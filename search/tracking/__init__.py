@@ -14,6 +14,8 @@ One job per module, imports going down the list:
 * ``pending`` — per trial, what its child run is still owed (events applied, no MLflow call).
 * ``child_runs`` — writing that into the child runs: found before made (no duplicates), batched metrics,
   the per-epoch image series in ``log_image``'s layout without re-encoding, files when the trial ends.
+* ``store_process`` — :class:`StoreProcessClient`: ``MlflowClient``'s calls run in a helper process, for
+  database stores (sqlite) whose work MLflow otherwise does in the driver (``mlflow.store_process``).
 * ``writer`` — :class:`TrackingWriter`, the background thread: gathers events, saves the runs file, writes,
   retries with backoff while the server is down, ``flush`` / ``close`` / ``mark_interrupted`` / ``mark_lost``.
 * ``callback`` — :class:`TrackingCallback`, the ``ray.tune.Callback``: hooks that only enqueue events.

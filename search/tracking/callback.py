@@ -21,6 +21,7 @@ from losstune.search.tracking.events import (CheckpointFiles, Event, Flush, Tria
 from losstune.search.tracking.pending import ARTIFACT_FILES, THUMBNAIL_FILE
 from losstune.search.tracking.runs_file import RunsBook
 from losstune.search.tracking.store import now_ms
+from losstune.search.tracking.store_process import wanted
 from losstune.search.tracking.writer import TrackingWriter
 
 
@@ -38,13 +39,15 @@ class TrackingCallback(tune.Callback):
         tags: extra tags of every child run (task, sweep).
         flush_interval: seconds the background thread collects events before writing a batch.
         flush_timeout: seconds :meth:`close` keeps retrying pending writes while the server is down.
+        store_process: ``mlflow.store_process`` (true / false / "auto"): a database store's work in a helper
+            process (:mod:`losstune.search.tracking.store_process`).
     """
 
     _instances: "weakref.WeakValueDictionary[str, TrackingCallback]" = weakref.WeakValueDictionary()
 
     def __init__(self, sweep_dir: str | Path, tracking_uri: str | None, experiment_id: str | None,
                  parent_run_id: str | None, max_epochs: int, decode=None, tags: Mapping[str, str] | None = None,
-                 flush_interval: float = 0.5, flush_timeout: float = 60.0):
+                 flush_interval: float = 0.5, flush_timeout: float = 60.0, store_process: bool | str = "auto"):
         self.sweep_dir = str(sweep_dir)
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
@@ -54,16 +57,18 @@ class TrackingCallback(tune.Callback):
         self.tags = dict(tags or {})
         self.flush_interval = flush_interval
         self.flush_timeout = flush_timeout
+        self.store_process = store_process
         self._init_runtime()
 
     # Tune pickles callbacks into tuner.pkl and restores them on Tuner.restore: keep only the settings
     _SETTINGS = ("sweep_dir", "tracking_uri", "experiment_id", "parent_run_id", "max_epochs", "decode", "tags",
-                 "flush_interval", "flush_timeout")
+                 "flush_interval", "flush_timeout", "store_process")
 
     def __getstate__(self) -> dict:
         return {k: self.__dict__[k] for k in self._SETTINGS}
 
     def __setstate__(self, state: dict) -> None:
+        self.store_process = "auto"  # absent from the state of sweeps started before the setting existed
         self.__dict__.update(state)
         self._init_runtime()
 
@@ -87,7 +92,8 @@ class TrackingCallback(tune.Callback):
             with self._writer_lock:
                 if self._writer is None:
                     writer = TrackingWriter(self.book, self.tracking_uri, self.experiment_id, self.parent_run_id,
-                                            self.tags, self.decode, self.flush_interval, self.flush_timeout)
+                                            self.tags, self.decode, self.flush_interval, self.flush_timeout,
+                                            store_process=wanted(self.store_process, self.tracking_uri))
                     writer.start()
                     self._writer = writer
         return self._writer
@@ -151,8 +157,9 @@ class TrackingCallback(tune.Callback):
         self._put(Flush())
 
     def get_state(self) -> dict | None:
-        # Tune checkpoints the experiment: a good moment to write what is pending
-        self._put(Flush())
+        # called at every experiment snapshot (after every trial checkpoint with num_to_keep=1): it must stay
+        # cheap, and must not flush the writer, which would undo its batching; what MLflow lacks when a killed
+        # driver resumes is written from Ray's results (backfill)
         return {"runs": self.book.runs()}
 
     def set_state(self, state: dict) -> None:

@@ -24,6 +24,7 @@ from losstune.search.tracking.events import Event, Flush, Stop, TrialMarked
 from losstune.search.tracking.pending import PendingWrites
 from losstune.search.tracking.runs_file import RunsBook
 from losstune.search.tracking.store import mlflow_client
+from losstune.search.tracking.store_process import StoreProcessClient
 
 logger = logging.getLogger("losstune.tracking")
 
@@ -33,13 +34,16 @@ MAX_BACKOFF_S = 30.0
 class TrackingWriter:
     """The background writer of one sweep's child runs (``tracking_uri=None``: the runs file only).
 
+    ``store_process``: the MLflow calls go to a :class:`StoreProcessClient` (its CPU is ``store_process_cpu_s``
+    in :meth:`stats`), for database stores only (:func:`losstune.search.tracking.store_process.wanted`).
+
     :meth:`put` is the only call on the driver's hot path (a queue put); the rest is the driver's
     API at the sweep's start and end.
     """
 
     def __init__(self, book: RunsBook, tracking_uri: str | None, experiment_id: str | None,
                  parent_run_id: str | None, tags: Mapping[str, str], decode: Callable | None = None,
-                 flush_interval: float = 0.5, flush_timeout: float = 60.0):
+                 flush_interval: float = 0.5, flush_timeout: float = 60.0, store_process: bool = False):
         self.book = book
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self.tags = dict(tags)
@@ -50,7 +54,10 @@ class TrackingWriter:
         self._thread = threading.Thread(target=self._run, name="losstune-mlflow", daemon=True)
         self._deadline = math.inf
         self._waiters: list[threading.Event] = []
+        self.store_process = store_process
+        self._client = None  # made at start: a helper process (store_process) imports MLflow meanwhile
         self._runs: ChildRuns | None = None  # made on the first write (the client needs the server only then)
+        self.store_cpu_s = 0.0
         self.errors = 0
         self.last_error: str | None = None
         self.dropped_metrics = 0
@@ -58,6 +65,11 @@ class TrackingWriter:
     def start(self) -> None:
         """Read ``mlflow_runs.json`` (entries the book lacks), then start the thread."""
         self.book.load()
+        if self.tracking_uri is not None:
+            # store_process: a database store's (sqlite) SQLAlchemy work runs in a helper process, off the
+            # driver's CPU, as a tracking server's would
+            self._client = (StoreProcessClient(self.tracking_uri).start() if self.store_process
+                            else mlflow_client(self.tracking_uri))
         self._thread.start()
 
     # ----- the driver's API ------------------------------------------------------------------------
@@ -96,7 +108,7 @@ class TrackingWriter:
 
     def stats(self) -> dict[str, Any]:
         return {"batches": self._runs.num_batches if self._runs else 0, "errors": self.errors,
-                "dropped_metrics": self.dropped_metrics}
+                "dropped_metrics": self.dropped_metrics, "store_process_cpu_s": self.store_cpu_s}
 
     # ----- the thread --------------------------------------------------------------------------------
     def _pending(self) -> bool:
@@ -149,7 +161,7 @@ class TrackingWriter:
             if self._pending() and time.monotonic() >= next_try:
                 try:
                     if self._runs is None:
-                        self._runs = ChildRuns(mlflow_client(self.tracking_uri), self.experiment_id,
+                        self._runs = ChildRuns(self._client, self.experiment_id,
                                                self.parent_run_id, self.tags, self.book)
                     self._runs.sync(self.pending, everything=flushing or stopping)
                     flushing = False
@@ -172,6 +184,8 @@ class TrackingWriter:
                     logger.warning("MLflow: gave up on %d metric values (%s); they are still in Ray's results",
                                    self.dropped_metrics, self.last_error)
                 self.book.save()
+                if isinstance(self._client, StoreProcessClient):
+                    self.store_cpu_s = self._client.close()["cpu_s"]
                 self._wake_waiters()
                 return
             if stopping:
