@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 from pydantic import ValidationError
@@ -106,12 +106,32 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
     ``check_paths``: a config's ``results_dir`` must stay inside the working directory unless
     ``--results-dir`` overrides it or the config sets ``allow_outside: true`` (off for losstune's own
     saved copy, ``<sweep>/sweep.yaml``, which holds absolute paths).
+
+    The checks run in this order, and the first problem is the error: the sections (with ``sets`` and
+    ``overrides`` applied), the results folder, the fixed training config, every searched value, the
+    hand-set points, checks across sections, the task.
     """
     where = source or "<config>"
 
     def fail(msg: str) -> SweepConfigError:
         return SweepConfigError(f"{where}: {msg}")
 
+    file, raw = _sections(raw, overrides, sets, fail)
+    if check_paths and not file.allow_outside and (overrides or {}).get("results_dir") is None:
+        _check_results_dir(file, fail)
+    base, base_raw, params, fixed = _training_base(file, fail)
+    _check_searched_values(params, base_raw, fail)
+    points = _points(file, params, base_raw, fail)
+    _check_across_sections(file, base, fail)
+    sweep = Sweep(file, raw, source, base_raw, params, fixed, points, sets)
+    if check_task:
+        _check_task(sweep, base, deep, fail)
+    return sweep
+
+
+def _sections(raw: Any, overrides: Mapping[str, Any] | None, sets: Mapping[str, Any] | None,
+              fail: Callable[[str], SweepConfigError]) -> tuple[SweepFile, dict[str, Any]]:
+    """The file's sections, ``sets`` then ``overrides`` applied to a copy of ``raw`` (returned too)."""
     if not isinstance(raw, Mapping):
         raise fail(f"expected a mapping at the top level, got {type(raw).__name__}")
     raw = copy.deepcopy(dict(raw))
@@ -130,18 +150,22 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
         except ValueError:  # the section is not a mapping: validation names it below
             pass
     try:
-        file = SweepFile.model_validate(raw)
+        return SweepFile.model_validate(raw), raw
     except ValidationError as err:
         raise fail(_first_lines(_format_errors(err))) from None
 
-    if check_paths and not file.allow_outside and (overrides or {}).get("results_dir") is None:
-        cwd = Path.cwd().resolve()
-        target = Path(file.results_dir).expanduser().resolve()
-        if target != cwd and cwd not in target.parents:
-            raise fail(f"results_dir: {file.results_dir!r} ({target}) is outside the working directory {cwd}; "
-                       "pass --results-dir to write there, or set allow_outside: true")
 
-    # the fixed training config, then the space
+def _check_results_dir(file: SweepFile, fail: Callable[[str], SweepConfigError]) -> None:
+    cwd = Path.cwd().resolve()
+    target = Path(file.results_dir).expanduser().resolve()
+    if target != cwd and cwd not in target.parents:
+        raise fail(f"results_dir: {file.results_dir!r} ({target}) is outside the working directory {cwd}; "
+                   "pass --results-dir to write there, or set allow_outside: true")
+
+
+def _training_base(file: SweepFile, fail: Callable[[str], SweepConfigError]):
+    """The fixed training config every trial starts from: ``train`` with the objective's settings and the
+    space's fixed values applied. Returns ``(TrainConfig, its dict, searched specs, fixed values)``."""
     try:
         base = parse_train_config(file.train, prefix="train.")
     except ConfigError as err:
@@ -151,7 +175,7 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
     except sp.SpaceError as err:
         raise fail(str(err)) from None
     base_raw = base.model_dump()
-    # objective weights define the composite score every trial reports
+    # the objective's weights and region decide the composite score every trial reports
     if file.objective.weights is not None:
         given = file.train.get("composite_weights")
         if given is not None and dict(given) != dict(file.objective.weights):
@@ -167,23 +191,28 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
             parse_train_config(sp.apply_values(base_raw, {key: value}))
         except ConfigError as err:
             raise fail(f"space.{key}: {_strip_field(str(err), key)}") from None
-    base_raw = sp.apply_values(base_raw, fixed)
     try:
-        base = parse_train_config(base_raw, prefix="train.")
+        base = parse_train_config(sp.apply_values(base_raw, fixed), prefix="train.")
     except ConfigError as err:
         raise fail(str(err)) from None
-    base_raw = base.model_dump()
+    return base, base.model_dump(), params, fixed
 
-    # every searched value must make a valid training config
+
+def _check_searched_values(params: Mapping[str, sp.ParamSpec], base_raw: Mapping[str, Any],
+                           fail: Callable[[str], SweepConfigError]) -> None:
+    """Every searched value (each range's extremes) must make a valid training config."""
     for key, spec in params.items():
         for value in spec.extremes():
-            candidate = sp.apply_values(base_raw, {key: value})
             try:
-                parse_train_config(candidate)
+                parse_train_config(sp.apply_values(base_raw, {key: value}))
             except ConfigError as err:
                 raise fail(f"space.{key}: value {value!r} gives an invalid training config: "
                            f"{_strip_field(str(err), key)}") from None
 
+
+def _points(file: SweepFile, params: Mapping[str, sp.ParamSpec], base_raw: Mapping[str, Any],
+            fail: Callable[[str], SweepConfigError]) -> list[dict[str, Any]]:
+    """``search.points_to_evaluate``, each completed to every searched key and checked as a training config."""
     points = []
     for i, point in enumerate(file.search.points_to_evaluate):
         path = f"search.points_to_evaluate[{i}]"
@@ -196,8 +225,10 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
         except ConfigError as err:
             raise fail(f"{path}: gives an invalid training config: {err}") from None
         points.append(values)
+    return points
 
-    # cross-section checks
+
+def _check_across_sections(file: SweepFile, base, fail: Callable[[str], SweepConfigError]) -> None:
     if isinstance(file.scheduler, AshaSection) and file.scheduler.grace_period > base.epochs:
         raise fail(f"scheduler.grace_period: {file.scheduler.grace_period} is more than train.epochs "
                    f"({base.epochs})")
@@ -205,32 +236,31 @@ def validate_sweep(raw: Any, source: str | None = None, overrides: Mapping[str, 
         raise fail(f"resources.gpu: train.device is {base.device!r} but the trials request no GPU "
                    "(set resources.gpu, e.g. 1 or 0.5)")
 
-    # the task must exist (and, deep, accept its data/model sections)
-    if not check_task:
-        return Sweep(file, raw, source, base_raw, params, fixed, points, sets)
+
+def _check_task(sweep: Sweep, base, deep: bool, fail: Callable[[str], SweepConfigError]) -> None:
+    """The task must exist; ``deep``: it builds with a representative point (the first hand-set one, else the
+    space's midpoint), which checks its data/model sections; a small validation set adds a warning."""
     from losstune.trainables.registry import get_task_factory
     try:
         factory = get_task_factory(base.task)
     except ConfigError as err:
         raise fail(f"train.{err}") from None
-    if deep:
-        midpoint = parse_train_config(sp.apply_values(base_raw, points[0] if points else sp.midpoint_values(params)))
-        try:
-            task = factory(midpoint)
-        except ConfigError as err:
-            raise fail(_prefix_train(str(err))) from None
-        except (FileNotFoundError, NotADirectoryError) as err:
-            raise fail(f"train.data: {err}") from None
-        except Exception as err:  # noqa: BLE001 - a task that cannot be built is a config problem here
-            raise fail(f"train: building task {base.task!r} failed: {type(err).__name__}: {err}") from None
-        if midpoint.objective_region == "active" and task.eval_mask is None:
-            raise fail(f"objective.region: 'active' but task {base.task!r} gives no evaluation region (use full or auto)")
-        from losstune.trainables.loop import small_validation_warning
-        sweep = Sweep(file, raw, source, base_raw, params, fixed, points, sets)
-        sweep.warnings += [w for w in (small_validation_warning(task),) if w]
-        return sweep
-
-    return Sweep(file, raw, source, base_raw, params, fixed, points, sets)
+    if not deep:
+        return
+    point = sweep.points[0] if sweep.points else sp.midpoint_values(sweep.params)
+    midpoint = parse_train_config(sp.apply_values(sweep.base_train, point))
+    try:
+        task = factory(midpoint)
+    except ConfigError as err:
+        raise fail(_prefix_train(str(err))) from None
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise fail(f"train.data: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a task that cannot be built is a config problem here
+        raise fail(f"train: building task {base.task!r} failed: {type(err).__name__}: {err}") from None
+    if midpoint.objective_region == "active" and task.eval_mask is None:
+        raise fail(f"objective.region: 'active' but task {base.task!r} gives no evaluation region (use full or auto)")
+    from losstune.trainables.loop import small_validation_warning
+    sweep.warnings += [w for w in (small_validation_warning(task),) if w]
 
 
 def _parent_not_mapping(raw: Mapping[str, Any], key: str) -> str:
