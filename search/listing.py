@@ -27,7 +27,7 @@ def summarize_sweep(sweep_dir: Path) -> dict[str, Any]:
     except ResultsError:
         summary["status"] = "unreadable"
         return summary
-    summary.update(status=info.get("status"), created_at=info.get("created_at"))
+    summary.update(status=info.status, created_at=info.created_at)
     try:
         results = load_results(sweep_dir)
     except ResultsError:

@@ -59,7 +59,7 @@ def trial_predictions(results: SweepResults, trial_id: str, recompute: bool = Tr
 
 
 def _storage(results: SweepResults):
-    return fs_and_path(results.info.get("tune_dir") or str(results.sweep_dir))[0]
+    return fs_and_path(results.info.tune_dir or str(results.sweep_dir))[0]
 
 
 def _checkpoints(fs, trial_path: str) -> list[str]:

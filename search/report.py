@@ -109,14 +109,14 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, *, top_k:
     (out_dir / "report.json").write_text(json.dumps(
         {"sweep": results.name, "best_trial": data.best_id, "mse_only_trial": data.mse_id,
          "verified": data.verified, "images": {k: p.name for k, p in images.items()}, "notes": notes}, indent=1))
-    outcome = ReportOutcome(out_dir, html_path, images, notes, results.info.get("parent_run_id"))
+    outcome = ReportOutcome(out_dir, html_path, images, notes, results.info.parent_run_id)
     if log_mlflow:
         outcome.logged = _log_to_parent(results, out_dir, echo)
     return outcome
 
 
 def _log_to_parent(results: SweepResults, out_dir: Path, echo: Callable[[str], None]) -> bool:
-    uri, run_id = results.info.get("tracking_uri"), results.info.get("parent_run_id")
+    uri, run_id = results.info.tracking_uri, results.info.parent_run_id
     if not uri or not run_id:
         echo("[losstune] MLflow was off for this sweep: the report is not logged to a run")
         return False

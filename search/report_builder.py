@@ -112,12 +112,12 @@ class _Builder:
             lines = (self.summary.get("verdict") or "").splitlines()[:1]
             headline = lines[0] if lines else ""
         return Header(
-            name=r.name, sweep_dir=r.sweep_dir, status=str(info.get("status", "?")),
+            name=r.name, sweep_dir=r.sweep_dir, status=str(info.status or "?"),
             status_counts=sorted(counts.items()), trials=len(r.table),
-            objective=str((info.get("objective") or {}).get("type", "composite")),
-            task=str(r.sweep.base_train.get("task") if r.sweep else "?"), max_epochs=info.get("max_epochs", "?"),
-            experiment=info.get("experiment"), parent_run_id=info.get("parent_run_id"),
-            tracking_uri=info.get("tracking_uri"),
+            objective=str((info.objective or {}).get("type", "composite")),
+            task=str(r.sweep.base_train.get("task") if r.sweep else "?"), max_epochs=info.max_epochs if info.max_epochs is not None else "?",
+            experiment=info.experiment, parent_run_id=info.parent_run_id,
+            tracking_uri=info.tracking_uri,
             generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             best=best, verified_headline=headline)
 

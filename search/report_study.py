@@ -15,7 +15,7 @@ MIN_IMPORTANCE_TRIALS = 2
 
 def load_study(results: SweepResults):
     """The persisted Optuna study of the sweep (:mod:`search.study`); None if there is none."""
-    return load_sweep_study(results.sweep_dir, results.info.get("optuna_study") or results.name)
+    return load_sweep_study(results.sweep_dir, results.info.optuna_study or results.name)
 
 
 def objective_names(results: SweepResults, study) -> list[str]:

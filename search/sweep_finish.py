@@ -155,7 +155,7 @@ def print_summary(results: SweepResults, exported: list[Path], out: Callable[[st
             f"[losstune] train it:    losstune train {exported[0]} --epochs N")
     out(f"[losstune] all trials:  losstune trials {results.sweep_dir}")
     out(f"[losstune] report:      losstune report {results.sweep_dir}")
-    uri = results.info.get("tracking_uri")
+    uri = results.info.tracking_uri
     if uri:
         out(f"[losstune] compare them in MLflow: mlflow ui --backend-store-uri {_ui_uri(uri)}"
             if uri.startswith("sqlite:") else f"[losstune] compare them in MLflow: {uri}")

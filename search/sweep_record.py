@@ -1,7 +1,7 @@
 """What one run of a sweep (its start or a ``--resume``) keeps while the runner's phases pass it on.
 
 * :class:`SweepRecord`: ``sweep.json``, the sweep folder's own account of its sweep (written by the runner;
-  read back by :mod:`search.trials`, ``losstune ls``, the verification and ``--resume``).
+  read back by :mod:`search.trials` as ``SweepResults.info``, ``losstune ls``, the verification and ``--resume``).
 * :class:`SweepRun`: the run's context: the sweep, its folder, its record, how to print, Ctrl-C, the parent run.
 * :class:`SweepOutcome`: what :func:`search.runner.run_sweep` returns.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from losstune.search.tracking import write_json_atomic
-from losstune.search.trials import SWEEP_FILE
+
+SWEEP_FILE = "sweep.json"
 
 if TYPE_CHECKING:
     from losstune.search.config import Sweep
@@ -64,7 +65,11 @@ class SweepRecord:
 
     @classmethod
     def read(cls, sweep_dir: Path) -> SweepRecord:
-        data = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())
+        """``<sweep_dir>/sweep.json`` (raises ``OSError`` / ``ValueError`` when missing or unreadable)."""
+        return cls.from_json(json.loads((Path(sweep_dir) / SWEEP_FILE).read_text()))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SweepRecord:
         names = {f.name for f in dataclasses.fields(cls)} - {"unknown"}
         return cls(**{k: v for k, v in data.items() if k in names},
                    unknown={k: v for k, v in data.items() if k not in names})

@@ -25,10 +25,10 @@ import pandas as pd
 from losstune.search import space as sp
 from losstune.search.config import PARETO_METRICS
 from losstune.search.status import TrialStatus
+from losstune.search.sweep_record import SWEEP_FILE, SweepRecord
 from losstune.search.tracking import RUNS_FILE, read_runs_file
 from losstune.trainables.loop import DIVERGED_SCORE  # what a diverged trial scores (the worst composite)
 
-SWEEP_FILE = "sweep.json"
 SWEEP_CONFIG = "sweep.yaml"
 METRIC_COLUMNS = ["composite", "best_composite", "ssim", "mse", "psnr", "gradient_match"]
 # the statuses a trial can be ranked (and exported) with, given a finite composite
@@ -45,7 +45,7 @@ class ResultsError(ValueError):
 @dataclass
 class SweepResults:
     sweep_dir: Path
-    info: dict[str, Any]
+    info: SweepRecord  # sweep.json
     sweep: Any  # search.config.Sweep, or None when its config cannot be loaded
     table: pd.DataFrame
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -54,7 +54,7 @@ class SweepResults:
 
     @property
     def name(self) -> str:
-        return self.info.get("name") or self.sweep_dir.name
+        return self.info.name or self.sweep_dir.name
 
     def ranked(self) -> pd.DataFrame:
         """Trials that may be exported, best composite first (diverged / failed / empty excluded)."""
@@ -68,14 +68,14 @@ class SweepResults:
     @property
     def is_pareto(self) -> bool:
         """A sweep with a pareto objective (as sweep.json records it; else its config's ``Sweep.is_pareto``)."""
-        objective = self.info.get("objective")
+        objective = self.info.objective
         if objective is None and self.sweep is not None:
             return self.sweep.is_pareto
         return (objective or {}).get("type") == "pareto"
 
     def objective_metrics(self) -> dict[str, str]:
         if self.is_pareto:
-            return dict((self.info.get("objective") or {}).get("metrics") or PARETO_METRICS)
+            return dict((self.info.objective or {}).get("metrics") or PARETO_METRICS)
         return {"composite": "max"}
 
     def pareto_front(self) -> pd.DataFrame:
@@ -135,10 +135,11 @@ def read_results(text: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def read_info(sweep_dir: str | Path) -> dict[str, Any]:
+def read_info(sweep_dir: str | Path) -> SweepRecord:
+    """The sweep's ``sweep.json`` (:class:`ResultsError` when the folder has none or it is unreadable)."""
     path = Path(sweep_dir) / SWEEP_FILE
     try:
-        return json.loads(path.read_text())
+        return SweepRecord.read(Path(sweep_dir))
     except FileNotFoundError:
         sweeps = sorted(p.parent.name for p in Path(sweep_dir).glob(f"*/{SWEEP_FILE}"))
         hint = f"; sweeps in it: {', '.join(sweeps)}" if sweeps else ""
@@ -147,7 +148,7 @@ def read_info(sweep_dir: str | Path) -> dict[str, Any]:
         raise ResultsError(f"{path}: unreadable: {err}") from None
 
 
-def load_sweep_of(sweep_dir: Path, info: Mapping[str, Any]):
+def load_sweep_of(sweep_dir: Path):
     from losstune.search.config import SweepConfigError, load_sweep
     path = sweep_dir / SWEEP_CONFIG
     if not path.is_file():
@@ -163,12 +164,12 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
     if not sweep_dir.is_dir():
         raise ResultsError(f"{sweep_dir}: no such results folder")
     info = read_info(sweep_dir)
-    sweep = load_sweep_of(sweep_dir, info)
-    tune_dir = info.get("tune_dir") or str(sweep_dir)
+    sweep = load_sweep_of(sweep_dir)
+    tune_dir = info.tune_dir or str(sweep_dir)
     runs = read_runs_file(sweep_dir)
-    max_epochs = int(info.get("max_epochs") or (sweep.epochs if sweep else 0) or 0)
-    param_names = list(info.get("params") or (list(sweep.params) if sweep else []))
-    sweep_ended = info.get("status") in (TrialStatus.FINISHED, TrialStatus.FAILED)
+    max_epochs = int(info.max_epochs or (sweep.epochs if sweep else 0) or 0)
+    param_names = list(info.params or (list(sweep.params) if sweep else []))
+    sweep_ended = info.status in (TrialStatus.FINISHED, TrialStatus.FAILED)
 
     fs, base = fs_and_path(tune_dir)
     import pyarrow.fs as pafs

@@ -102,7 +102,7 @@ def run_verification(results: SweepResults, top_k: int, n_seeds: int, epochs: in
     seeds = fresh_seeds(results, n_seeds)
     planned = plan(results, trial_ids, seeds, epochs)
     verify_dir = results.sweep_dir / VERIFY_DIR
-    root = tune_root(results.sweep_dir, info)
+    root = tune_root(results.sweep_dir, info.tune_dir)
     done = finished_runs(root, verify_dir, epochs)
     todo = list({r.key: r for r in planned if r.key not in done}.values())
     reused = len({r.key for r in planned}) - len(todo)
@@ -111,8 +111,8 @@ def run_verification(results: SweepResults, top_k: int, n_seeds: int, epochs: in
     round_info: dict[str, Any] = {}
     options = {"root": root, "local_root": verify_dir, "epochs": epochs, "resources": sweep.resources.model_dump(),
                "max_concurrent": sweep.search.max_concurrent, "out": out,
-               "tracking": {"uri": info.get("tracking_uri"), "experiment_id": info.get("experiment_id"),
-                            "parent_run_id": info.get("parent_run_id"),
+               "tracking": {"uri": info.tracking_uri, "experiment_id": info.experiment_id,
+                            "parent_run_id": info.parent_run_id,
                             "tags": {"losstune.task": str(sweep.base_train["task"]), "losstune.sweep": results.name}}}
     unfinished = resumable_round(root, verify_dir, set(done)) if todo else None
     if unfinished:
@@ -185,7 +185,7 @@ def _runs_csv(planned: list[PlannedRun], done: Mapping[str, Mapping[str, Any]]) 
 
 def _log_to_parent(results: SweepResults, verify_dir: Path, text: str, exported: list[Path],
                    out: Callable[[str], None]) -> None:
-    uri, run_id = results.info.get("tracking_uri"), results.info.get("parent_run_id")
+    uri, run_id = results.info.tracking_uri, results.info.parent_run_id
     if not uri or not run_id:
         return
     from mlflow import MlflowClient
@@ -236,7 +236,7 @@ def verify_sweep(sweep_dir: str | Path, top_k: int | None = None, seeds: int | N
 
     results = load_results(sweep_dir)
     top_k, seeds, epochs = settings(results, top_k, seeds)
-    uri = results.info.get("tracking_uri")
+    uri = results.info.tracking_uri
     if uri:
         try:
             check_tracking(uri)

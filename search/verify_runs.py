@@ -30,9 +30,10 @@ CONFIGS_FILE = "configs.json"  # key -> training config of every run of a round 
 VERIFY_STAGE = "verify"
 
 
-def tune_root(sweep_dir: Path, info: Mapping[str, Any]) -> str:
-    """Where the verification's Tune experiments live: beside the sweep's trials, on the same storage."""
-    return f"{str(info.get('tune_dir') or sweep_dir).rstrip('/')}/verify"
+def tune_root(sweep_dir: Path, tune_dir: str | None) -> str:
+    """Where the verification's Tune experiments live: beside the sweep's trials (``tune_dir``, else the sweep
+    folder), on the same storage."""
+    return f"{str(tune_dir or sweep_dir).rstrip('/')}/verify"
 
 
 def round_names(root: str) -> list[str]:
