@@ -192,6 +192,22 @@ def _descendants(pid: int) -> list:
         return []
 
 
+def _kill_driver(proc: subprocess.Popen) -> list:
+    """SIGKILL the driver only (its Ray processes share its fate); returns the processes it had started, for
+    :func:`_reap`."""
+    ray_procs = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return ray_procs
+
+
+def _kill_if_running(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs (a test that failed before its own kill)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+
+
 def _reap(processes: list, timeout: float = 10.0) -> None:
     """Give processes we started (directly or through Ray) ``timeout`` s to exit, then SIGKILL them by pid."""
     import psutil
@@ -314,13 +330,9 @@ def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_st
         # snapshot, then kill the driver (only the driver: its Ray processes share its fate)
         completed = {t for t, e in _runs_file(sweep_dir).items() if e.get("status") == "finished"}
         rows_before = {t: _iterations(sweep_dir / f"trial_{t}") for t in completed}
-        ray_procs = _descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        ray_procs = _kill_driver(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        _kill_if_running(proc)
     # no trial keeps training behind the resumed sweep's back: the trial processes share the driver's fate
     trainers = [pid for _, _, pid in _pid_files(pid_dir)]
     _wait(lambda: not any(_alive(pid) for pid in trainers), 15, "the trial processes to exit")
@@ -491,13 +503,9 @@ def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path, st
             return held and held[0] in runs and runs[held[0]].get("run_id") and finished and held[0]
 
         second = _wait(second_trial_held, 150, "a finished trial and a second one held", proc, log)
-        ray_procs = _descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        ray_procs = _kill_driver(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        _kill_if_running(proc)
     _reap(ray_procs, timeout=10)
     known = known_trial_ids(tune_dir.as_uri() if storage == "uri" else tune_dir)
     assert known and second not in known, "precondition: Tune's saved state must not know the trial"
