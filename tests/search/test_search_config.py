@@ -93,6 +93,7 @@ BAD = [
     ("mlflow/tracking_uri", "https://token@mlflow.example", "mlflow.tracking_uri"),
     ("mlflow/tracking_uri", "file:///tmp/mlruns", "mlflow.tracking_uri"),
     ("mlflow/tracking_uri", "./mlruns", "mlflow.tracking_uri"),
+    ("mlflow/store_process", "sometimes", "mlflow.store_process"),
     ("scheduler", {"type": "hyperband"}, "scheduler"),
     ("scheduler/grace_period", 5, "scheduler.grace_period"),
     ("scheduler/reduction_factor", 1, "scheduler.reduction_factor"),
@@ -118,6 +119,12 @@ def test_bad_config_names_file_and_field(change, value, field):
     msg = str(info.value)
     assert msg.startswith("bad.yaml: "), msg
     assert f" {field}" in msg or f"\n{field}" in msg, (field, msg)
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_store_process_takes_yaml_booleans_and_auto(value):
+    assert validate_sweep(_with("mlflow/store_process", value)).file.mlflow.store_process == value
+    assert validate_sweep(GOOD).file.mlflow.store_process == "auto"
 
 
 def test_good_config_resolves():

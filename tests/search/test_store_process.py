@@ -16,11 +16,18 @@ from mlflow.tracking import MlflowClient
 from losstune.search.tracking.store_process import StoreProcessClient, StoreProcessError
 
 
-@pytest.fixture()
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    """One sqlite store for the module (its schema takes a while to create)."""
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     local = MlflowClient(tracking_uri=uri)
-    exp = local.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    return uri, local, local.create_experiment("e", artifact_location=str(folder / "artifacts"))
+
+
+@pytest.fixture()
+def store(database):
+    uri, local, exp = database
     client = StoreProcessClient(uri)
     yield client, local, exp
     client.close()
