@@ -18,7 +18,8 @@ from typing import Any
 from benchmarks import common
 
 # cheapest first; the GPU one skips itself without CUDA
-BENCHMARKS = ("loop_throughput", "mlflow_cost", "overhead", "blur_sensitivity", "search_efficiency", "gpu_path")
+BENCHMARKS = ("loop_throughput", "mlflow_cost", "overhead", "driver_scaling", "blur_sensitivity", "search_efficiency",
+              "gpu_path")
 
 
 def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
@@ -59,6 +60,11 @@ def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
             rows.append([name, "losstune ratio with mlflow.store_process: true (excl. / incl. Ray start)",
                          f"{common.fmt(r['losstune_store_process']['ratio_excl_ray_start'])} / "
                          f"{common.fmt(r['losstune_store_process']['ratio_incl_ray_start'])}", "", ""])
+    elif name == "driver_scaling" and "sizes" in r:
+        sizes = r["sizes"]
+        rows.append([name, f"driver CPU ms per trial (MLflow off) at {' / '.join(map(str, sizes))} trials; snapshot KB",
+                     " / ".join(f"{v['driver_cpu_ms_per_trial']:.0f}" for v in sizes.values()) + "; "
+                     + " / ".join(f"{v['experiment_state_kb']:.0f}" for v in sizes.values()), "", ""])
     elif name == "mlflow_cost" and "ray" in r:
         rows.append([name, "ray.air MLflowLoggerCallback ms per result (driver = end-to-end)",
                      r["ray"]["end_to_end_ms_per_result"], "", ""])

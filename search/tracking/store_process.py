@@ -60,10 +60,10 @@ def is_database_uri(uri: str | None) -> bool:
 def wanted(setting: bool | str, uri: str | None, cpus: int | None = None) -> bool:
     """Whether a sweep's writer should use a helper process (``mlflow.store_process``) for the store at ``uri``.
 
-    Only database stores do their work in the client. ``"auto"``: on a machine with at least
-    :data:`STORE_PROCESS_MIN_CPUS` cores (``cpus``, default ``os.cpu_count()``). The helper costs ~2.5 CPU s
-    to start (MLflow's imports, the store's schema check) and does the same store work as the driver
-    would; it pays where a core is free for it, not where the trials already use every core.
+    Only database stores do their work in the client. ``"auto"``: with at least :data:`STORE_PROCESS_MIN_CPUS`
+    cores (``cpus``, default: those this process may run on). The helper costs ~2.5 CPU s to start (MLflow's
+    imports, the store's schema check) and does the same store work as the driver would; it pays where a
+    core is free for it, not where the trials already use every core.
 
     >>> wanted("auto", "sqlite:///mlflow.db", cpus=16), wanted("auto", "sqlite:///mlflow.db", cpus=2)
     (True, False)
@@ -72,7 +72,9 @@ def wanted(setting: bool | str, uri: str | None, cpus: int | None = None) -> boo
     """
     if not is_database_uri(uri) or setting is False:
         return False
-    return setting is True or (cpus or os.cpu_count() or 1) >= STORE_PROCESS_MIN_CPUS
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return setting is True or cpus >= STORE_PROCESS_MIN_CPUS
 
 
 class StoreProcessError(RuntimeError):
