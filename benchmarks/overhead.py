@@ -48,6 +48,7 @@ from benchmarks import common
 
 NAME = "overhead"
 GOAL = 1.10
+DRIVER_MS_GOAL = 100.0  # issue 15: the driver's CPU per trial
 
 
 def settings_for(quick: bool) -> dict[str, Any]:
@@ -387,7 +388,9 @@ def main(argv=None) -> dict[str, Any]:
           f"fixed cost of a sweep ≈ {fixed:.1f} s (set-up, worker start-up + imports, reports, export)")
     goals = [common.goal("losstune sweep ratio, Ray start-up excluded", lt["ratio_excl_ray_start"], GOAL),
              common.goal("losstune sweep ratio, Ray start-up + shut-down included", lt["ratio_incl_ray_start"], GOAL),
-             common.goal("losstune marginal ratio (per added trial; fixed start-up costs excluded)", marginal, GOAL)]
+             common.goal("losstune marginal ratio (per added trial; fixed start-up costs excluded)", marginal, GOAL),
+             common.goal("driver CPU ms per trial (losstune, default settings)",
+                         results["losstune"]["driver_cpu_ms_per_trial"], DRIVER_MS_GOAL)]
     common.print_goals(goals)
     notes = ["sweep wall (excl.) = search.cli.main(['sweep', ...]) with Ray already started by "
              "search.ray_session.init_ray: config validation, MLflow parent run, Tune (worker start-up and imports, trials, Optuna on sqlite, "
