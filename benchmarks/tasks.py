@@ -60,6 +60,5 @@ def build(config) -> Task:
         predict=lambda model, batch: model(batch["input"]),
         target=lambda batch: batch["target"],
         baseline=lambda batch: batch["input"],
-        weight_names=("pixel_weight", "gradient_weight", "perceptual_weight"),
         loss_modules=modules,
     )

@@ -27,7 +27,7 @@ def build(config) -> Task:
         {"pixel": lambda pred, target, **_: mse_loss(pred, target),
          "gradient": lambda pred, target, **_: gradient_loss(pred, target)},
         {"pixel": config.pixel_weight, "gradient": config.gradient_weight})
-    return _denoise(config, loss, ("pixel_weight", "gradient_weight"))
+    return _denoise(config, loss)
 
 
 def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,10 +43,10 @@ def build_with_edges(config) -> Task:
     functions = {"pixel": lambda pred, target, **_: mse_loss(pred, target),
                  "edge": lambda pred, target, **_: edge_loss(pred, target)}
     loss = weighted_loss(build_with_edges.loss_terms, functions, config)
-    return _denoise(config, loss, tuple(term.weight_key for term in build_with_edges.loss_terms))
+    return _denoise(config, loss)
 
 
-def _denoise(config, loss: WeightedLoss, weight_names: tuple[str, ...]) -> Task:
+def _denoise(config, loss: WeightedLoss) -> Task:
     size = int(config.data.get("size", 16))
     g = torch.Generator().manual_seed(config.seed)
     clean = _images(48, size, g)
@@ -67,7 +67,6 @@ def _denoise(config, loss: WeightedLoss, weight_names: tuple[str, ...]) -> Task:
         predict=lambda model, batch: model(batch["input"]),
         target=lambda batch: batch["target"],
         baseline=lambda batch: batch["input"],
-        weight_names=weight_names,
     )
 
 

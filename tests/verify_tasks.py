@@ -50,7 +50,6 @@ def _task(name: str, config, pixel, gradient) -> Task:
         predict=lambda model, batch: model(batch["input"]).clamp(0, 1),
         target=lambda batch: batch["target"],
         baseline=lambda batch: torch.full_like(batch["target"], 0.5),
-        weight_names=("pixel_weight", "gradient_weight"),
     )
 
 

@@ -11,6 +11,7 @@ host round trip.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -37,7 +38,9 @@ class Task:
         target: ``batch -> target`` image N×C×H×W in [0, 1].
         baseline: ``batch -> trivial prediction`` (e.g. last input frame); its MSE is the
             composite score's ``mse_ref``.
-        weight_names: the loss weights this task reads from config (for docs/validation).
+        weight_names: deprecated, unused (a non-empty value warns). A task's loss weights are declared once,
+            on its factory (:func:`trainables.terms.declare_terms`); validation, the search space, export
+            and the verification's matched baseline read them from there.
         inputs_for_display: optional ``batch -> image`` N×C×H×W shown as "input" in reports.
         loss_modules: modules owned by the loss (e.g. a perceptual extractor) that must follow
             the model to the device; they are not trained.
@@ -61,6 +64,10 @@ class Task:
     eval_mask: Callable[[Batch], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
+        if self.weight_names:
+            warnings.warn(f"task {self.name!r}: Task.weight_names is deprecated and unused; declare the task's loss "
+                          "terms on its factory with losstune.trainables.terms.declare_terms", DeprecationWarning,
+                          stacklevel=3)
         for split, data in (("train", self.train), ("val", self.val)):
             if not data:
                 raise ValueError(f"task {self.name!r}: {split} data is empty")

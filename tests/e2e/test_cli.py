@@ -332,7 +332,6 @@ def build(config):
     task = plugin_task.build(config)
     loss = WeightedLoss({"pixel": l1}, {"pixel": config.pixel_weight})
     task.training_step = lambda model, batch, step: loss(step, pred=model(batch["input"]), target=batch["target"])
-    task.weight_names = ("pixel_weight",)
     return task
 '''
 

@@ -170,7 +170,9 @@ def test_build_task_and_training_step_components():
     config = _tiny_config(pixel_weight=1.0, gradient_weight=0.5, perceptual_weight=0.2, warmup_steps=0)
     task = build(config)
     assert task.name == "microstructure"
-    assert task.weight_names == ("pixel_weight", "gradient_weight", "perceptual_weight")
+    from losstune.trainables.terms import loss_terms
+    assert [t.weight_key for t in loss_terms("microstructure")] == ["pixel_weight", "gradient_weight",
+                                                                    "perceptual_weight"]
     # 4 sequences -> 3 train, 1 val; 7 frames, seq_length 3 -> 4 windows each
     assert task.num_train == 12 and task.num_val == 4
     assert task.train["frames"].shape == (12, 3, 4, 32, 32)

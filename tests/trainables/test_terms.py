@@ -80,6 +80,19 @@ def test_plugin_task_trains_with_its_own_term():
     assert result.history[-1]["loss_edge"] > 0
 
 
+def test_task_weight_names_is_deprecated_the_registry_is_the_one_place():
+    import dataclasses
+
+    from losstune.trainables.config import parse_train_config
+    from losstune.trainables.registry import get_task_factory
+
+    task = get_task_factory("microstructure")(parse_train_config({"task": "microstructure", "data": {"size": 16,
+                                                                  "num_sequences": 4}, "model": {"hidden_channels": [4]}}))
+    assert task.weight_names == ()  # built-in tasks declare their terms only on their factory
+    with pytest.warns(DeprecationWarning, match="declare_terms"):
+        dataclasses.replace(task, weight_names=("pixel_weight",))
+
+
 def test_weighted_loss_reads_declared_weights_and_warmup():
     import plugin_task
 

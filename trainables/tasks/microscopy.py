@@ -212,7 +212,6 @@ def build(config: TrainConfig) -> Task:
         predict=predict,
         target=lambda batch: batch["target"],
         baseline=lambda batch: batch["input"],
-        weight_names=tuple(t.weight_key for t in LOSS_TERMS if t.used_by(arch.name)),
         inputs_for_display=lambda batch: batch["input"],
         loss_modules=loss_modules,
         eval_mask=(lambda batch: foreground(batch["target"], FOREGROUND_GROW_PX)) if data.eval_region != "none" else None,

@@ -250,7 +250,6 @@ def build(config: Mapping | TrainConfig) -> Task:
         predict=lambda model, batch: model(batch["frames"]),
         target=lambda batch: batch["target"],
         baseline=last_frame,
-        weight_names=tuple(term.weight_key for term in LOSS_TERMS),
         inputs_for_display=last_frame,
         loss_modules=loss_modules,
         eval_mask=lambda batch: active_region(batch, t_solidus, t_liquidus),
