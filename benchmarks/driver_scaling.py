@@ -15,7 +15,6 @@ number of trials; the size of the last experiment snapshot is reported beside.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +33,7 @@ def settings_for(quick: bool) -> dict[str, Any]:
 def main(argv=None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv)
     started = time.perf_counter()
-    common.ensure_repo_on_path()
-    common.set_single_thread()
-    os.environ.setdefault("LOSSTUNE_PROGRESS_INTERVAL", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    overhead.prepare_process()
     s = settings_for(args.quick)
     rows, results = [], {"sizes": {}}
     with tempfile.TemporaryDirectory(prefix="losstune-bench-scaling-") as tmpdir:

@@ -296,13 +296,19 @@ def _ratio(r: dict[str, Any], wall_key: str, c: int) -> float:
     return r[wall_key] / (r["sum_epoch_time_s"] / c) if r["sum_epoch_time_s"] > 0 else math.nan
 
 
-def main(argv=None) -> dict[str, Any]:
-    args = common.parse_args(__doc__.splitlines()[0], argv)
-    started = time.perf_counter()
+def prepare_process() -> None:
+    """This process set up to run sweeps as the benchmark does: the repository importable by Ray's workers, one
+    torch thread, no progress line, Ray's worker logs not deduplicated."""
     common.ensure_repo_on_path()
     common.set_single_thread()
     os.environ.setdefault("LOSSTUNE_PROGRESS_INTERVAL", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = common.parse_args(__doc__.splitlines()[0], argv)
+    started = time.perf_counter()
+    prepare_process()
     s = settings_for(args.quick)
     conc, n = s["concurrency"], s["num_samples"]
     half = dict(s, num_samples=max(1, n // 2))
