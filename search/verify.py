@@ -112,7 +112,7 @@ def run_verification(results: SweepResults, top_k: int, n_seeds: int, epochs: in
     options = {"root": root, "local_root": verify_dir, "epochs": epochs, "resources": sweep.resources.model_dump(),
                "max_concurrent": sweep.search.max_concurrent, "out": out,
                "tracking": {"uri": info.tracking_uri, "experiment_id": info.experiment_id,
-                            "parent_run_id": info.parent_run_id,
+                            "parent_run_id": info.parent_run_id, "store_process": sweep.file.mlflow.store_process,
                             "tags": {"losstune.task": str(sweep.base_train["task"]), "losstune.sweep": results.name}}}
     unfinished = resumable_round(root, verify_dir, set(done)) if todo else None
     if unfinished:

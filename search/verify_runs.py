@@ -154,7 +154,8 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
         decode = functools.partial(describe_run, shown)
         callback = TrackingCallback(local_dir, tracking.get("uri"), tracking.get("experiment_id"),
                                     tracking.get("parent_run_id"), epochs, decode=decode,
-                                    tags={**tracking.get("tags", {}), STAGE_TAG: VERIFY_STAGE})
+                                    tags={**tracking.get("tags", {}), STAGE_TAG: VERIFY_STAGE},
+                                    store_process=tracking.get("store_process", "auto"))
         tuner = tune.Tuner(
             trainable, param_space={"run": tune.grid_search(list(configs))},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
