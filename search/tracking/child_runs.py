@@ -81,12 +81,15 @@ class ChildRuns:
 
     def _open(self, state: TrialState) -> None:
         # a trial this sweep first saw now, and whose entry is on disk, cannot have a run yet (runs are
-        # made only after that save): no search for it
-        run_id = None if self.book.new_and_saved(state.trial_id) else self.find(state.trial_id)
+        # made only after that save): no search for it, unless a create_run was sent and failed (the store
+        # may have made the run before the answer was lost)
+        new = self.book.new_and_saved(state.trial_id) and not state.create_tried
+        run_id = None if new else self.find(state.trial_id)
         if run_id is None:
             tags = {TRIAL_TAG: state.trial_id, STAGE_TAG: "search", **self.tags}
             if self.parent_run_id:
                 tags[PARENT_TAG] = self.parent_run_id
+            state.create_tried = True
             run_id = RunHandle.create(self.client, self.experiment_id, state.name, tags).run_id
             state.params_pending = {k: param_value(v) for k, v in (state.params or {}).items()}  # with the metrics
         else:

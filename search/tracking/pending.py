@@ -29,7 +29,7 @@ class TrialState:
 
     __slots__ = ("trial_id", "run_id", "params", "params_pending", "name", "metrics", "written_at", "tags", "end",
                  "started", "reopen", "node_ip", "node_id", "restarts", "images", "images_tagged", "files",
-                 "config_logged", "data_params", "data_params_logged")
+                 "config_logged", "data_params", "data_params_logged", "create_tried")
 
     def __init__(self, trial_id: str, run_id: str | None):
         self.trial_id = trial_id
@@ -52,6 +52,7 @@ class TrialState:
         self.config_logged = False
         self.data_params: dict[str, int] = {}      # DATA_PARAMS read from a result, not yet logged
         self.data_params_logged: set[str] = set()
+        self.create_tried = False  # a create_run was sent: it may have made the run even if it raised
 
     def pending(self) -> bool:
         """Something is to be written now (``files`` alone are not: they are written when the trial ends)."""

@@ -126,6 +126,8 @@ class StoreProcessClient:
                 self._proc.stdin.flush()
                 ok, value = pickle.load(self._proc.stdout)
             except (OSError, EOFError, pickle.UnpicklingError) as err:
+                self._proc.kill()  # dead, or out of step with its pipe: the next call starts a fresh helper
+                self._proc.wait()
                 raise StoreProcessError(f"the MLflow helper process ended during {name}(): {err}") from None
         if not ok:
             raise value
@@ -167,7 +169,6 @@ def serve(uri: str) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the replies have stdout to themselves: anything printed goes to stderr
     requests = sys.stdin.buffer
@@ -194,6 +195,7 @@ def serve(uri: str) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: a Ctrl-C while MLflow imports must not end the helper
     # run as a script, this folder would come first on sys.path and its modules (events, run, store …)
     # could shadow top-level ones MLflow imports
     here = os.path.dirname(os.path.abspath(__file__))

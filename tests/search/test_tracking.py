@@ -1,4 +1,4 @@
-"""The tracking package's parts that need no MLflow store: pickling, the runs book, typed events."""
+"""The tracking package's parts: pickling, the runs book, typed events; a lost create_run (real sqlite)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,38 @@ def test_with_mlflow_off_events_reach_the_runs_book_only(tmp_path):
     assert not pending.trials and not pending.any()
     assert book.runs() == {"a": {"run_id": None, "status": "running", "epochs": 2, "composite": 0.25,
                                  "params": {"w": 1}}}
+
+
+def test_a_create_run_whose_answer_was_lost_is_found_not_made_again(tmp_path):
+    """The store made the run but its answer never came (a server or helper that died mid-call): the retry
+    searches for the run first, so the trial keeps one child run (real sqlite store)."""
+    from mlflow.tracking import MlflowClient
+
+    from losstune.search.tracking import RunsBook
+    from losstune.search.tracking.child_runs import ChildRuns
+    from losstune.search.tracking.events import TrialStarted
+    from losstune.search.tracking.pending import PendingWrites
+
+    class AnswerLostOnce(MlflowClient):
+        lost = 1
+
+        def create_run(self, *args, **kwargs):
+            run = super().create_run(*args, **kwargs)
+            if AnswerLostOnce.lost:
+                AnswerLostOnce.lost -= 1
+                raise ConnectionError("the answer was lost")
+            return run
+
+    client = AnswerLostOnce(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    book = RunsBook(tmp_path)
+    pending = PendingWrites(book, None, mlflow=True)
+    pending.apply(TrialStarted("t1", {"w": 0.1}, "trial_t1"))
+    book.save()  # the trial is new and on disk: its first create_run needs no search
+    runs = ChildRuns(client, exp, None, {}, book)
+    with pytest.raises(ConnectionError):
+        runs.sync(pending)
+    runs.sync(pending)  # the writer's retry
+    made = client.search_runs([exp])
+    assert len(made) == 1
+    assert book.runs()["t1"]["run_id"] == made[0].info.run_id
