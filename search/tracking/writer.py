@@ -55,7 +55,7 @@ class TrackingWriter:
         self._deadline = math.inf
         self._waiters: list[threading.Event] = []
         self.store_process = store_process
-        self._client = None  # made at start: a helper process (store_process) imports MLflow meanwhile
+        self._helper: StoreProcessClient | None = None  # started with the thread: it imports MLflow meanwhile
         self._runs: ChildRuns | None = None  # made on the first write (the client needs the server only then)
         self.store_cpu_s = 0.0
         self.errors = 0
@@ -65,11 +65,10 @@ class TrackingWriter:
     def start(self) -> None:
         """Read ``mlflow_runs.json`` (entries the book lacks), then start the thread."""
         self.book.load()
-        if self.tracking_uri is not None:
-            # store_process: a database store's (sqlite) SQLAlchemy work runs in a helper process, off the
-            # driver's CPU, as a tracking server's would
-            self._client = (StoreProcessClient(self.tracking_uri).start() if self.store_process
-                            else mlflow_client(self.tracking_uri))
+        if self.tracking_uri is not None and self.store_process:
+            # a database store's (sqlite) SQLAlchemy work runs in a helper process, off the driver's CPU, as a
+            # tracking server's would
+            self._helper = StoreProcessClient(self.tracking_uri).start()
         self._thread.start()
 
     # ----- the driver's API ------------------------------------------------------------------------
@@ -161,8 +160,8 @@ class TrackingWriter:
             if self._pending() and time.monotonic() >= next_try:
                 try:
                     if self._runs is None:
-                        self._runs = ChildRuns(self._client, self.experiment_id,
-                                               self.parent_run_id, self.tags, self.book)
+                        client = self._helper if self._helper is not None else mlflow_client(self.tracking_uri)
+                        self._runs = ChildRuns(client, self.experiment_id, self.parent_run_id, self.tags, self.book)
                     self._runs.sync(self.pending, everything=flushing or stopping)
                     flushing = False
                     if failures:
@@ -184,8 +183,8 @@ class TrackingWriter:
                     logger.warning("MLflow: gave up on %d metric values (%s); they are still in Ray's results",
                                    self.dropped_metrics, self.last_error)
                 self.book.save()
-                if isinstance(self._client, StoreProcessClient):
-                    self.store_cpu_s = self._client.close()["cpu_s"]
+                if self._helper is not None:
+                    self.store_cpu_s = self._helper.close()["cpu_s"]
                 self._wake_waiters()
                 return
             if stopping:
