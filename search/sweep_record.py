@@ -69,7 +69,10 @@ class SweepRecord:
         return cls.from_json(json.loads((Path(sweep_dir) / SWEEP_FILE).read_text()))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SweepRecord:
+    def from_json(cls, data: Any) -> SweepRecord:
+        """The record of a parsed ``sweep.json`` (``ValueError`` when it is not a JSON object)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"unknown"}
         return cls(**{k: v for k, v in data.items() if k in names},
                    unknown={k: v for k, v in data.items() if k not in names})
