@@ -25,9 +25,10 @@ def _mean_gradient(x: torch.Tensor) -> float:
 
 # ----- synthetic data ------------------------------------------------------------------------------
 def test_synthetic_is_deterministic_fast_and_in_range():
-    start = time.perf_counter()
+    make_synthetic(2, 8, seed=0)  # the first call pays one-off start-up (lazy imports): not what is measured
+    start = time.process_time()  # this process's CPU: the check holds on a machine busy with other work
     wf, tp = make_synthetic(64, 32, seed=5)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert wf.shape == tp.shape == (64, 1, 32, 32)
     assert wf.dtype == tp.dtype == torch.float32
     for x in (wf, tp):
