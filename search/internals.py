@@ -4,7 +4,8 @@ losstune relies on a few things these libraries do not promise: the attributes o
 ``OptunaSearch`` that map Tune trials to Optuna trials, the storage behind an Optuna study, the
 folder of the local Ray node's session, the name of the logger Ray's token-authentication
 notice comes from, and Ray's GCS client, the one way to ask a cluster whether it accepts this
-driver's token without ``ray.init``, and the authentication mode Ray uses. Each assumption has its own test in tests/search/test_internals.py, so a Ray or Optuna
+driver's token without ``ray.init``, the authentication mode Ray uses, and the window averages a Tune
+trial keeps of every reported number. Each assumption has its own test in tests/search/test_internals.py, so a Ray or Optuna
 upgrade that changes one fails there, and only there (pyproject.toml caps both versions for this).
 """
 
@@ -33,6 +34,25 @@ def is_finished_in_storage(searcher: Any, trial: Any) -> bool:
     Read from the storage, not the trial object: after a resume the object may be stale.
     """
     return searcher._ot_study._storage.get_trial(trial._trial_id).state.is_finished()
+
+
+def drop_metric_windows(trial: Any) -> None:
+    """Tune trial: keep no last-5 / last-10 window of each reported number, only its min / max / mean / last.
+
+    Tune keeps both windows for every number a trial reports (``trial.run_metadata``) and writes them into
+    every experiment snapshot, each window cloudpickled (its ``deque`` is not JSON). With losstune's ~40
+    numbers per result that made ~60 % of a trial's ~29 KB in the snapshot and most of its encoding time;
+    a snapshot follows every trial checkpoint (``num_to_keep=1``) and re-writes every trial's entry. Only
+    ``ExperimentAnalysis`` scopes ``last-5-avg`` / ``last-10-avg`` read the windows; losstune never uses them.
+    Windows already kept (a trial restored from an older snapshot) are dropped too.
+    """
+    meta = trial.run_metadata
+    meta._n_steps = ()
+    meta.metric_n_steps = {}
+    for summary in meta.metric_analysis.values():
+        for key in [k for k in summary if k.startswith("last-")]:
+            del summary[key]
+    meta.invalidate_cache()
 
 
 def ray_session_root() -> Path | None:

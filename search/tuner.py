@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ray import tune
+
 from losstune.search import space as sp
 from losstune.search.config import Sweep
+from losstune.search.internals import drop_metric_windows
 from losstune.search.progress import ProgressCallback
 from losstune.search.ray_session import (NO_RESULTS_YET, TUNE_RESTORE_HINT, local_session_root, no_tensorboard_logger,
                                          without_ray_notices)
@@ -23,6 +26,15 @@ from losstune.search.study import open_storage, remove_study
 from losstune.search.tracking import TrackingCallback
 from losstune.search.tune_state import known_trial_ids
 from losstune.search.tune_state import repair as repair_tune_state
+
+
+class LeanTrialState(tune.Callback):
+    """Every trial keeps only what losstune reads of its metrics' history in Tune's experiment snapshot:
+    min / max / mean / last of each number, no last-n windows (:func:`search.internals.drop_metric_windows`).
+    Tune re-writes every trial's entry at every snapshot, so this is what a snapshot costs per trial."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        drop_metric_windows(trial)
 
 
 def trial_dirname(trial) -> str:
@@ -44,7 +56,6 @@ def status_line(sweep: Sweep) -> list:
 
 def build_or_restore(run: SweepRun) -> tuple[Any, TrackingCallback | None]:
     """The Tuner of ``run`` and its tracking callback (None: a restored sweep without one)."""
-    from ray import tune
 
     from losstune.search.trainable import make_trainable
 
@@ -60,7 +71,6 @@ def build_or_restore(run: SweepRun) -> tuple[Any, TrackingCallback | None]:
 
 
 def _restore(run: SweepRun, trainable, tune_dir: str) -> tuple[Any, TrackingCallback | None]:
-    from ray import tune
 
     sweep, out = run.sweep, run.out
     if "://" not in sweep.storage_path:  # a killed driver may have left a cut-off or stale state (tune_state.py)
@@ -80,7 +90,6 @@ def _restore(run: SweepRun, trainable, tune_dir: str) -> tuple[Any, TrackingCall
 
 
 def _build(run: SweepRun, trainable) -> tuple[Any, TrackingCallback]:
-    from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from losstune.search.algorithms import make_scheduler, make_searcher
@@ -103,7 +112,8 @@ def _build(run: SweepRun, trainable) -> tuple[Any, TrackingCallback]:
         name=sweep.name, storage_path=sweep.storage_path,
         failure_config=tune.FailureConfig(max_failures=2),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[callback, ProgressCallback(sweep.epochs, decoder(sweep), sweep.search.num_samples),
+        callbacks=[LeanTrialState(), callback,
+                   ProgressCallback(sweep.epochs, decoder(sweep), sweep.search.num_samples),
                    *status_line(sweep), CSVLoggerCallback(), JsonLoggerCallback()],
         verbose=0)
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config), callback

@@ -131,6 +131,7 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
 
     from losstune.search.progress import ProgressCallback
     from losstune.search.tracking import TrackingCallback
+    from losstune.search.tuner import LeanTrialState
 
     name = restore or next_round(root)
     local_dir = local_root / name
@@ -163,8 +164,8 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
             run_config=tune.RunConfig(
                 name=name, storage_path=root, failure_config=tune.FailureConfig(max_failures=2),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[callback, ProgressCallback(epochs, decode, len(configs)), CSVLoggerCallback(),
-                           JsonLoggerCallback()], verbose=0))
+                callbacks=[LeanTrialState(), callback, ProgressCallback(epochs, decode, len(configs)),
+                           CSVLoggerCallback(), JsonLoggerCallback()], verbose=0))
         out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
     interrupted, errors = False, 0
     from losstune.search.ray_session import no_tensorboard_logger

@@ -94,3 +94,30 @@ def test_ray_auth_mode_is_read_from_ray(ray_local):
     """Ray still exposes its authentication mode where ray_auth_mode reads it (which mode a new local
     cluster gets is tests/e2e/test_sweep.py's test_local_ray_starts_with_token_auth_and_no_warning)."""
     assert internals.ray_auth_mode() in {"TOKEN", "DISABLED"}
+
+
+def _reported(trial, values):
+    for step, value in enumerate(values, start=1):
+        trial.update_last_result({"score": value, "training_iteration": step, "parts": {"ssim": value / 2}})
+
+
+def test_tune_trial_keeps_no_metric_windows_once_dropped():
+    """A Tune trial's ``run_metadata``: its last-n windows go, min / max / mean / last stay (and stay correct),
+    and its snapshot entry carries no cloudpickled window (``deque``)."""
+    from ray.tune.experiment import Trial
+
+    kept = Trial("__fake", stub=True)
+    _reported(kept, [1.0, 3.0])
+    assert "last-5-avg" in kept.run_metadata.metric_analysis["score"]  # Tune's default, so the test can fail
+    assert "CLOUDPICKLE_FALLBACK" in kept.get_json_state()[1].split('"checkpoint_manager"')[0]
+
+    trial = Trial("__fake", stub=True)
+    _reported(trial, [1.0])  # a trial restored from an older snapshot: windows already kept
+    internals.drop_metric_windows(trial)
+    _reported(trial, [1.0, 3.0, 2.0])
+    meta = trial.run_metadata
+    assert meta.metric_analysis["score"] == {"max": 3.0, "min": 1.0, "avg": 2.0, "last": 2.0}
+    assert meta.metric_analysis["parts/ssim"]["last"] == 1.0
+    assert not any(meta.metric_n_steps.values())
+    assert "CLOUDPICKLE_FALLBACK" not in trial.get_json_state()[1].split('"checkpoint_manager"')[0]
+    assert len(trial.get_json_state()[1]) < len(kept.get_json_state()[1])
