@@ -4,8 +4,9 @@ A sweep's driver should cost about the same per trial however many trials the sw
 not. With one checkpoint kept per trial (``CheckpointConfig(num_to_keep=1)``, what losstune uses so a
 resumed sweep re-trains nothing it had checkpointed) Tune forces an experiment snapshot after every trial
 checkpoint, and a snapshot re-writes and copies the state of *every* trial (``experiment_state-*.json``,
-~29 KB per trial with losstune's metrics: Tune keeps min / max / last-n averages of every reported
-number). So the snapshots' cost per trial grows with the number of trials.
+~14 KB per trial with losstune's metrics: Tune keeps min / max / mean / last of every reported number,
+the trial's config, last result and checkpoint list). So the snapshots' cost per trial grows with the
+number of trials.
 
 Measured as :mod:`benchmarks.overhead` measures the driver (``getrusage`` of the process running
 ``losstune sweep`` in-process, Ray started before), with MLflow off, so the rows differ only in the
