@@ -29,9 +29,9 @@ from losstune.search.tune_state import repair as repair_tune_state
 
 
 class LeanTrialState(tune.Callback):
-    """Every trial keeps only what losstune reads of its metrics' history in Tune's experiment snapshot:
-    min / max / mean / last of each number, no last-n windows (:func:`search.internals.drop_metric_windows`).
-    Tune re-writes every trial's entry at every snapshot, so this is what a snapshot costs per trial."""
+    """From its start on, a trial keeps min / max / mean / last of each reported number and no last-n windows
+    (:func:`search.internals.drop_metric_windows`): Tune re-writes every trial's entry at every experiment
+    snapshot, and the windows, which losstune never reads, were half of that entry."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
         drop_metric_windows(trial)
@@ -56,7 +56,6 @@ def status_line(sweep: Sweep) -> list:
 
 def build_or_restore(run: SweepRun) -> tuple[Any, TrackingCallback | None]:
     """The Tuner of ``run`` and its tracking callback (None: a restored sweep without one)."""
-
     from losstune.search.trainable import make_trainable
 
     sweep, res = run.sweep, run.sweep.resources
@@ -71,7 +70,6 @@ def build_or_restore(run: SweepRun) -> tuple[Any, TrackingCallback | None]:
 
 
 def _restore(run: SweepRun, trainable, tune_dir: str) -> tuple[Any, TrackingCallback | None]:
-
     sweep, out = run.sweep, run.out
     if "://" not in sweep.storage_path:  # a killed driver may have left a cut-off or stale state (tune_state.py)
         repaired = repair_tune_state(Path(tune_dir), sweep.name, local_session_root())
