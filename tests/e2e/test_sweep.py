@@ -355,7 +355,9 @@ def test_tracking_callback_survives_a_dead_server(tmp_path, monkeypatch):
     trial = _FakeTrial("ccc", {"w": 1})
     t0 = time.perf_counter()
     _drive(cb, trial, range(1, 3))
-    assert time.perf_counter() - t0 < 0.5  # the hooks never wait for the server
+    # the hooks never wait for the server: one MLflow call against it would take its 2 s timeout; the margin
+    # below that is for a loaded CI machine
+    assert time.perf_counter() - t0 < 1.5
     t0 = time.perf_counter()
     cb.close(timeout=3)
     assert time.perf_counter() - t0 < 20
