@@ -18,6 +18,11 @@ Goal: TPE + ASHA needs ≤ 50 % of the epochs random search needed to find its o
 The objective is the trials' ``composite`` on the task's default region (microstructure: where the frame
 changes, see README "The objective").
 
+Two controls run on the same budget and seeds: random search with the hand-set points first, and TPE + ASHA
+without them; they tell whether a gain comes from the searcher or from where it starts. And one config (pure
+MSE) is trained with 5 model seeds on the same data: the range of its best composite is the scale below which
+differences between configs mean nothing.
+
 Also per seed, a lower bound for any searcher under this protocol: the trial-epochs needed if the first
 trial were the best config that either method found (``oracle_epochs``); with trials advanced side by
 side, even that trial reaches the target only after its own k epochs, i.e. (k - 1) · in-flight + 1.
@@ -50,18 +55,31 @@ def settings_for(quick: bool) -> dict[str, Any]:
         return {"seeds": [0], "epochs": 4, "budget": 16, "max_concurrent": 2, "grace_period": 1,
                 "reduction_factor": 2, "num_samples": 16, "batch_size": 4,
                 "data": {"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2}, "hidden": [4, 8]}
-    # batch 4: 8 optimiser steps per epoch, enough for the model to move off the identity within 8 epochs
+    # 24 sequences (~90 training windows, batch 4): with 8 the trained models' composite varied with the
+    # model's seed about as much as with the loss weights (blur_sensitivity's budget scan), so no searcher
+    # could tell configs apart
     return {"seeds": [0, 1, 2, 3, 4], "epochs": 8, "budget": 80, "max_concurrent": 4, "grace_period": 2,
             "reduction_factor": 2, "num_samples": 24, "batch_size": 4,
-            "data": {"size": 32, "num_sequences": 8, "frames": 8, "seq_length": 3}, "hidden": [8, 16]}
+            "data": {"size": 32, "num_sequences": 24, "frames": 8, "seq_length": 3}, "hidden": [8, 16]}
 
 
-def sweep_dict(s: dict[str, Any], sampler: str, seed: int, results_dir: str) -> dict[str, Any]:
+# method -> (sampler, ASHA, the hand-set points run first). The goal compares the first two, as losstune's
+# microstructure config runs the search and as a user runs random search; the other two are controls that
+# tell whether a gain comes from TPE + ASHA or from the hand-set points.
+METHODS = {
+    "tpe+asha": ("tpe", True, True),
+    "random": ("random", False, False),
+    "random + hand-set first": ("random", False, True),
+    "tpe+asha, no hand-set": ("tpe", True, False),
+}
+
+
+def sweep_dict(s: dict[str, Any], method: str, seed: int, results_dir: str) -> dict[str, Any]:
     """The microstructure study of configs/microstructure.yaml scaled down to run in minutes on a CPU (the model
     size is fixed here instead of searched: the loss weights, lr and warm-up are)."""
-    asha = sampler == "tpe"
+    sampler, asha, hand_set = METHODS[method]
     return {
-        "name": f"eff-{sampler}-{seed}",
+        "name": f"eff-{sampler}-{int(asha)}{int(hand_set)}-{seed}",
         "train": {"task": "microstructure", "seed": 0, "epochs": s["epochs"], "batch_size": s["batch_size"],
                   "lr": 1.0e-3,
                   "lr_schedule": "cosine", "device": "cpu", "amp": "off", "pixel_loss": "mse",
@@ -73,7 +91,7 @@ def sweep_dict(s: dict[str, Any], sampler: str, seed: int, results_dir: str) -> 
                   "warmup_steps": {"type": "int", "low": 0, "high": 200, "step": 10}},
         "search": {"sampler": sampler, "seed": seed, "num_samples": s["num_samples"],
                    "max_concurrent": s["max_concurrent"],
-                   "points_to_evaluate": HAND_SET if asha else []},
+                   "points_to_evaluate": HAND_SET if hand_set else []},
         "scheduler": ({"type": "asha", "grace_period": s["grace_period"], "reduction_factor": s["reduction_factor"]}
                       if asha else {"type": "fifo"}),
         "objective": {"type": "composite"},
@@ -96,7 +114,7 @@ class _Trial:
         return isinstance(other, _Trial) and other.trial_id == self.trial_id
 
 
-def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
+def run_search(s: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
     """One search with an epoch budget; returns its trajectory (cumulative epochs -> composite)."""
     common.set_single_thread()
     import optuna
@@ -110,7 +128,7 @@ def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="losstune-bench-eff-") as tmp:
-        sweep = validate_sweep(sweep_dict(s, sampler, seed, tmp), source="<search_efficiency>",
+        sweep = validate_sweep(sweep_dict(s, method, seed, tmp), source="<search_efficiency>",
                                overrides={"results_dir": tmp}, deep=False)
         searcher = make_searcher(sweep, open_storage(tmp))
         scheduler = make_scheduler(sweep)
@@ -168,7 +186,7 @@ def run_search(s: dict[str, Any], sampler: str, seed: int) -> dict[str, Any]:
         for entry in list(running):  # the budget ran out: cut off what still runs
             finish(entry, stopped=True)
         best = max((c for _, c in trajectory), default=math.nan)
-        return {"method": "tpe+asha" if sampler == "tpe" else "random", "seed": seed, "epochs_used": used,
+        return {"method": method, "seed": seed, "epochs_used": used,
                 "trials": len(trials), "stopped_early": sum(t["stopped_early"] for t in trials), "best": best,
                 "trajectory": trajectory, "wall_s": time.perf_counter() - t0,
                 "trial_summary": [{"values": t["values"], "epochs": t["epochs"], "best": t["best"],
@@ -183,7 +201,7 @@ def run_hand_set(s: dict[str, Any]) -> dict[str, Any]:
     from losstune.trainables.loop import train
 
     with tempfile.TemporaryDirectory(prefix="losstune-bench-eff-") as tmp:
-        sweep = validate_sweep(sweep_dict(s, "tpe", 0, tmp), source="<search_efficiency>",
+        sweep = validate_sweep(sweep_dict(s, "tpe+asha", 0, tmp), source="<search_efficiency>",
                                overrides={"results_dir": tmp}, deep=False)
         out = []
         t0 = time.perf_counter()
@@ -194,9 +212,34 @@ def run_hand_set(s: dict[str, Any]) -> dict[str, Any]:
         return {"method": "hand-set", "scenarios": out, "wall_s": time.perf_counter() - t0}
 
 
+NOISE_SEEDS = (0, 1, 2, 3, 4)
+
+
+def run_seed_noise(s: dict[str, Any]) -> dict[str, Any]:
+    """Pure MSE trained with 5 model seeds on the searches' data: how far one config's best composite moves by
+    the seed alone, the scale on which differences between configs can mean anything."""
+    common.set_single_thread()
+    from losstune.search import space as sp
+    from losstune.search.config import validate_sweep
+    from losstune.trainables.loop import train
+
+    with tempfile.TemporaryDirectory(prefix="losstune-bench-eff-") as tmp:
+        sweep = validate_sweep(sweep_dict(s, "tpe+asha", 0, tmp), source="<search_efficiency>",
+                               overrides={"results_dir": tmp}, deep=False)
+        config = sp.apply_values(sweep.base_train, sweep.points[0])
+        data = {**config["data"], "seed": config["data"].get("seed", config["seed"])}
+        values = []
+        for seed in NOISE_SEEDS:  # the data stay those of the searches; only the model's seed varies
+            values.append(train({**config, "seed": seed, "data": data}, num_threads=1).best_composite)
+        return {"method": "seed noise", "config": HAND_NAMES[0], "seeds": list(NOISE_SEEDS), "best": values,
+                "range": max(values) - min(values)}
+
+
 def _job(args: tuple) -> dict[str, Any]:
     kind, s, seed = args
-    return run_hand_set(s) if kind == "hand" else run_search(s, kind, seed)
+    if kind == "hand":
+        return run_hand_set(s)
+    return run_seed_noise(s) if kind == "noise" else run_search(s, kind, seed)
 
 
 def epochs_to_reach(trajectory: list[tuple[int, float]], target: float) -> float:
@@ -232,18 +275,18 @@ def main(argv=None) -> dict[str, Any]:
     common.ensure_repo_on_path()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     s = settings_for(args.quick)
-    jobs = [("hand", s, 0)] + [(m, s, seed) for seed in s["seeds"] for m in ("tpe", "random")]
+    jobs = [("hand", s, 0), ("noise", s, 0)] + [(m, s, seed) for seed in s["seeds"] for m in METHODS]
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             outs = pool.map(_job, jobs, chunksize=1)
     else:
         outs = [_job(j) for j in jobs]
-    hand = outs[0]
-    searches = outs[1:]
+    hand, noise = outs[0], outs[1]
+    searches = outs[2:]
     rows, per_seed = [], []
     for seed in s["seeds"]:
-        tpe = next(o for o in searches if o["seed"] == seed and o["method"] == "tpe+asha")
-        rnd = next(o for o in searches if o["seed"] == seed and o["method"] == "random")
+        by_method = {o["method"]: o for o in searches if o["seed"] == seed}
+        tpe, rnd = by_method["tpe+asha"], by_method["random"]
         target = rnd["best"]
         e_rnd = epochs_to_reach(rnd["trajectory"], target)
         e_tpe = epochs_to_reach(tpe["trajectory"], target)
@@ -253,20 +296,30 @@ def main(argv=None) -> dict[str, Any]:
                  "tpe_epochs_to_random_best": e_tpe, "ratio_vs_random_epochs_to_best": e_tpe / e_rnd,
                  "oracle_epochs_to_random_best": e_oracle, "oracle_ratio": e_oracle / e_rnd,
                  "ratio_vs_random_budget": e_tpe / rnd["epochs_used"], "tpe_trials": tpe["trials"],
-                 "tpe_stopped_early": tpe["stopped_early"], "random_trials": rnd["trials"]}
+                 "tpe_stopped_early": tpe["stopped_early"], "random_trials": rnd["trials"],
+                 "controls": {m: {"best": o["best"], "epochs_to_random_best": epochs_to_reach(o["trajectory"], target),
+                                  "ratio": epochs_to_reach(o["trajectory"], target) / e_rnd}
+                              for m, o in by_method.items() if m not in ("tpe+asha", "random")}}
         per_seed.append(entry)
         rows.append([f"TPE + ASHA (seed {seed})", tpe["epochs_used"], tpe["trials"], tpe["best"], e_tpe,
                      entry["ratio_vs_random_epochs_to_best"]])
         rows.append([f"random (seed {seed})", rnd["epochs_used"], rnd["trials"], rnd["best"], e_rnd, 1.0])
+        for m, c in entry["controls"].items():
+            rows.append([f"control: {m} (seed {seed})", by_method[m]["epochs_used"], by_method[m]["trials"], c["best"],
+                         c["epochs_to_random_best"], c["ratio"]])
         rows.append([f"bound: best config first (seed {seed})", "-", 1, "-", e_oracle, entry["oracle_ratio"]])
     for sc in hand["scenarios"]:
         rows.append([f"hand-set {sc['name']}", sc["epochs"], 1, sc["best"], "-", "-"])
     headers = ["method", "trial-epochs", "trials", "best composite", "epochs to random's best",
                "÷ random's epochs to its best"]
     text = common.table(headers, rows)
+    def median_of(values: list[float]) -> float:  # an inf (never reached) counts as the largest value
+        return common.median(values) if all(math.isfinite(v) for v in values) else sorted(values)[len(values) // 2]
+
     ratios = [e["ratio_vs_random_epochs_to_best"] for e in per_seed]
-    median_ratio = common.median(ratios) if all(math.isfinite(r) for r in ratios) else \
-        sorted(ratios)[len(ratios) // 2]
+    median_ratio = median_of(ratios)
+    control_medians = {m: median_of([e["controls"][m]["ratio"] for e in per_seed])
+                       for m in METHODS if m not in ("tpe+asha", "random")}
     oracle = sorted(e["oracle_ratio"] for e in per_seed)
     oracle_median = oracle[len(oracle) // 2] if len(oracle) % 2 else common.median(oracle)
     best_hand = max(sc["best"] for sc in hand["scenarios"])
@@ -282,7 +335,9 @@ def main(argv=None) -> dict[str, Any]:
                "tpe_beats_best_hand_set": sum(e["tpe_best"] > best_hand for e in per_seed),
                "random_beats_best_hand_set": sum(e["random_best"] > best_hand for e in per_seed),
                "spearman_first_rung_vs_best": rho, "first_rung_epoch": rung, "curves": len(full),
-               "oracle_median_ratio": oracle_median}
+               "oracle_median_ratio": oracle_median, "control_median_ratios": control_medians,
+               "seed_range_one_config": noise["range"],
+               "best_spread_over_seeds": max(e["tpe_best"] for e in per_seed) - min(e["random_best"] for e in per_seed)}
     print(f"\nSearch efficiency: microstructure {s['data']}, {s['epochs']} epochs max per trial, budget "
           f"{s['budget']} trial-epochs per method and seed, seeds {s['seeds']}, {s['max_concurrent']} trials in flight"
           f"{' (QUICK: not meaningful)' if args.quick else ''}")
@@ -293,12 +348,16 @@ def main(argv=None) -> dict[str, Any]:
           f"best hand-set {best_hand:.4f}")
     print(f"rank correlation (Spearman) of a trial's composite at ASHA's first rung (epoch {rung}) with its best over "
           f"{s['epochs']} epochs: {rho:.2f} ({len(full)} random-search trials)")
+    print(f"one config ({noise['config']}) trained with {len(noise['seeds'])} model seeds: best composite "
+          + " / ".join(f"{v:.4f}" for v in noise["best"]) + f", range {noise['range']:.4f}")
+    for m, v in control_medians.items():
+        print(f"control {m}: median ratio {v:.2f}")
     print(f"lower bound for any searcher (its first trial = the best config either method found, "
           f"{s['max_concurrent']} in flight): median ratio {oracle_median:.2f}")
     goals = [common.goal("TPE+ASHA epochs to random's best ÷ random's epochs to its best (median over seeds)",
                          median_ratio, GOAL)]
     common.print_goals(goals)
-    results = {"per_seed": per_seed, "summary": summary, "hand_set": hand, "searches": searches}
+    results = {"per_seed": per_seed, "summary": summary, "hand_set": hand, "seed_noise": noise, "searches": searches}
     notes = ["trials run in-process (not in Ray workers) with losstune's searcher/scheduler objects; "
              "the epoch counts are what a Ray sweep with the same settings would spend"]
     path = common.write_result(NAME, args.out, quick=args.quick, settings=s, results=results, goals=goals,
