@@ -17,8 +17,9 @@ objective's region) fall strictly as σ grows. The whole-frame composite is show
 
 The seed noise depends on the training budget: the models of a tiny budget are far from converged and
 differ from seed to seed as much as with 1 px of blur. ``--budget-scan`` trains microstructure with
-12 / 16 / 24 sequences and the paired folders with 15 / 40 / 80 epochs (the rest as above) and prints the
-drop at σ = 1 px, the seed range and their ratio for each (``blur_sensitivity_budget.json``).
+12 / 16 / 24 sequences and the paired folders with 15 / 40 / 80 epochs, and once on folder data whose
+input has no noise (the rest as above); it prints the drop at σ = 1 px, the seed range and their ratio for
+each (``blur_sensitivity_budget.json``).
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def configs(quick: bool, folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_folder_data(folder: Path) -> list[str]:
-    """16-bit TIFF pairs from scikit-image's bundled images: target = the image, input = a blurred, dimmer,
-    noisy copy with an offset (a widefield-like view). Returns the names written."""
+def write_folder_data(folder: Path, *, input_blur: float = 2.0, input_noise: float = 0.03) -> list[str]:
+    """16-bit TIFF pairs from scikit-image's bundled images: target = the image, input = a copy blurred by
+    ``input_blur`` px, dimmer, with an offset and Gaussian noise of std ``input_noise`` (a widefield-like
+    view). Returns the names written."""
     import tifffile
     from skimage import data as skdata
     from skimage.color import rgb2gray
@@ -88,7 +90,7 @@ def write_folder_data(folder: Path) -> list[str]:
         img = rgb2gray(img[..., :3]) if img.ndim == 3 else img.astype(np.float64)
         img = resize(img, (128, 128), anti_aliasing=True)
         img = (img - img.min()) / max(float(img.max() - img.min()), 1e-9)
-        wf = 0.6 * gaussian(img, 2.0) + 0.1 + 0.03 * rng.standard_normal(img.shape)
+        wf = 0.6 * gaussian(img, input_blur) + 0.1 + input_noise * rng.standard_normal(img.shape)
         tifffile.imwrite(folder / "2p" / f"{name}.tif", (img * 60000).astype(np.uint16))
         tifffile.imwrite(folder / "wf" / f"{name}.tif", (np.clip(wf, 0, 1) * 60000).astype(np.uint16))
         names.append(name)
@@ -189,12 +191,14 @@ BUDGETS = (
     ("microscopy_folder", "8 crops per image, 15 epochs", {"epochs": 15, "data": {"crops_per_image": 8}}),
     ("microscopy_folder", "24 crops per image, 40 epochs", {}),
     ("microscopy_folder", "24 crops per image, 80 epochs", {"epochs": 80}),
+    ("microscopy_folder", "24 crops per image, 40 epochs; input without noise, blurred by 1.5 px",
+     {"input": {"input_blur": 1.5, "input_noise": 0.0}}),
 )
 
 
 def with_changes(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with ``changes`` applied (one level deep into ``data``)."""
-    out = {**config, **{k: v for k, v in changes.items() if k != "data"}}
+    """``config`` with ``changes`` applied (one level deep into ``data``; ``input`` is for the folder data)."""
+    out = {**config, **{k: v for k, v in changes.items() if k not in ("data", "input")}}
     out["data"] = {**config["data"], **changes.get("data", {})}
     return out
 
@@ -206,14 +210,18 @@ def budget_scan(args, started: float) -> int:
         folder = Path(tmp)
         write_folder_data(folder)
         base = configs(False, folder)
-        for task, label, changes in BUDGETS:
-            r = run_task(f"{task} ({label})", with_changes(base[task], changes))
+        for i, (task, label, changes) in enumerate(BUDGETS):
+            config = with_changes(base[task], changes)
+            if "input" in changes:  # other folder data: the same images, another degradation of the input
+                write_folder_data(folder / str(i), **changes["input"])
+                config["data"] |= {"input_dir": str(folder / str(i) / "wf"), "target_dir": str(folder / str(i) / "2p")}
+            r = run_task(f"{task} ({label})", config)
             results[f"{task}: {label}"] = r
             rising = [k for k, v in r["falls_strictly"].items() if not v]
             rows.append([task, label + ("" if changes else " (the benchmark's)"), r["num_val"], r["unblurred"]["composite"],
                          r["unblurred"]["mse_skill"], r["drop_at_1px"], r["spread_range"], r["drop_over_range"],
                          ", ".join(rising) or "none"])
-    text = common.table(["task", "budget", "val samples", "composite (best seed)", "mse skill", "drop at σ=1",
+    text = common.table(["task", "budget (and data)", "val samples", "composite (best seed)", "mse skill", "drop at σ=1",
                          "seed range", "drop ÷ range", "parts not falling"], rows)
     print(text)
     settings = {"sigmas": list(SIGMAS), "seeds": list(SEEDS), "budgets": [[t, label, c] for t, label, c in BUDGETS]}
