@@ -13,7 +13,7 @@ seed range, and the composite and each of its parts (SSIM, MSE skill, gradient m
 objective's region) fall strictly as σ grows. The whole-frame composite is shown too.
 
     python -m benchmarks.blur_sensitivity [--quick] [--out results/bench]
-    python -m benchmarks.blur_sensitivity --budget-scan   # the ratio at smaller and larger budgets (~8 min)
+    python -m benchmarks.blur_sensitivity --budget-scan   # the ratio at smaller and larger budgets (~6 min)
 
 The seed noise depends on the training budget: the models of a tiny budget are far from converged and
 differ from seed to seed as much as with 1 px of blur. ``--budget-scan`` trains microstructure with
