@@ -68,9 +68,10 @@ class ChildRuns:
     def sync(self, pending: PendingWrites, everything: bool = False) -> None:
         """Write what is pending (raises on the first MLflow failure: what was not written stays pending).
 
-        A running trial's metrics (and images) are held until :data:`METRICS_EVERY_S` after its last batch of
-        metrics, so one ``log_batch`` carries several results (its fixed cost is most of a batch's cost); a
-        run's first metrics, a trial's end, and ``everything`` (a flush, the end of the sweep) do not wait.
+        A run's params, tags, metrics and images go out together in one ``log_batch`` and one upload, at most
+        :data:`METRICS_EVERY_S` after the run was made or its last batch: one batch carries several results (its
+        fixed cost is most of a batch's cost), and a trial shorter than that costs one batch in all. A trial's end
+        and ``everything`` (a flush, the end of the sweep) do not wait.
         """
         now = time.monotonic()
         for state in list(pending.trials.values()):
@@ -91,12 +92,17 @@ class ChildRuns:
                 tags[PARENT_TAG] = self.parent_run_id
             state.create_tried = True
             run_id = RunHandle.create(self.client, self.experiment_id, state.name, tags).run_id
-            state.params_pending = {k: param_value(v) for k, v in (state.params or {}).items()}  # with the metrics
+            state.params_pending = self._params(state)  # sent with the run's first batch
         else:
             state.reopen = True
+        state.written_at = time.monotonic()
         state.run_id = run_id
         self.book.set_run_id(state.trial_id, run_id)
         self.book.save()  # before anything else: a driver killed from here on finds the run again
+
+    @staticmethod
+    def _params(state: TrialState) -> dict[str, str]:
+        return {k: param_value(v) for k, v in (state.params or {}).items()}
 
     def _write(self, state: TrialState, batch_due: bool) -> None:
         """When ``batch_due`` or the trial ends: one ``log_batch`` (params, metrics, tags: the status tag too
@@ -108,6 +114,10 @@ class ChildRuns:
             if state.end is None:
                 RunHandle.reopen(self.client, state.run_id)
                 state.tags[STATUS_TAG] = TrialStatus.RUNNING.value
+            # a driver killed before the run's first batch left it without params: they go with the next batch
+            if state.params:
+                logged = self.client.get_run(state.run_id).data.params
+                state.params_pending = {k: v for k, v in self._params(state).items() if k not in logged}
             state.reopen = False
         tags = {**state.tags, STATUS_TAG: state.end.value} if state.end else state.tags
         # DATA_PARAMS: the same value on every result of a trial, logged once
@@ -116,8 +126,7 @@ class ChildRuns:
             run.log_batch(metrics=state.metrics, params=[Param(k, v) for k, v in params.items()],
                           tags=[RunTag(k, v) for k, v in tags.items()])
             self.num_batches += 1
-            if state.metrics:  # a batch of params and tags alone (the run's opening) holds no later metrics back
-                state.written_at = time.monotonic()
+            state.written_at = time.monotonic()
             state.data_params_logged.update(state.data_params)
             state.metrics, state.tags, state.params_pending, state.data_params = [], {}, {}, {}
         # the image series (every epoch's image, uploaded with the metrics' batch: one upload per batch); the

@@ -35,10 +35,10 @@ class TrialState:
         self.trial_id = trial_id
         self.run_id = run_id
         self.params: dict[str, Any] | None = None
-        self.params_pending: dict[str, str] = {}   # of a run just made: logged with its first metrics
+        self.params_pending: dict[str, str] = {}   # not yet in the run: logged with its next batch
         self.name = trial_id
         self.metrics: list = []                    # mlflow.entities.Metric, not yet logged
-        self.written_at = -math.inf                # monotonic time of the run's last log_batch with metrics
+        self.written_at = -math.inf                # monotonic time the run was made or last got a batch
         self.tags: dict[str, str] = {}
         self.end: TrialStatus | None = None        # the run is to end with this status
         self.started = False

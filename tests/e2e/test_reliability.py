@@ -16,12 +16,14 @@ their PYTHONPATH).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -686,8 +688,10 @@ def test_tracking_server_dies_mid_sweep_and_credentials_stay_secret(tmp_path):
     try:
         pid_dir = tmp_path / "pids"
         pid_dir.mkdir()
-        n, epochs = 2, 3
-        cfg = _config("srvdies", pid_dir, epochs=epochs, num_samples=n, max_concurrent=2, step_sleep=0.25)
+        # trials long enough that the server dies while they run: a run's first batch goes out ~5 s after it
+        # was made (METRICS_EVERY_S), the rest of its epochs and its end after the server died
+        n, epochs = 2, 8
+        cfg = _config("srvdies", pid_dir, epochs=epochs, num_samples=n, max_concurrent=2, step_sleep=1.0)
         path = _write(tmp_path, cfg)
         res, sweep_dir = tmp_path / "res", tmp_path / "res" / "srvdies"
         env = _env(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=secret,
@@ -699,9 +703,12 @@ def test_tracking_server_dies_mid_sweep_and_credentials_stay_secret(tmp_path):
                                                    "--tracking-uri", uri],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:
-            def first_result_logged():
-                return any(e.get("run_id") and int(e.get("epochs") or 0) >= 1
-                           for e in _runs_file(sweep_dir).values())
+            def first_result_logged():  # read in the server's own store
+                try:
+                    with contextlib.closing(sqlite3.connect(server_db)) as db:
+                        return db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] > 0
+                except sqlite3.Error:  # no table yet, or locked for a moment
+                    return False
 
             _wait(first_result_logged, 150, "the first trial result in MLflow", proc, log)
             # while Ray runs: no dashboard is listening anywhere (a local sweep starts none)

@@ -122,3 +122,82 @@ def test_a_create_run_whose_answer_was_lost_is_found_not_made_again(tmp_path):
     made = client.search_runs([exp])
     assert len(made) == 1
     assert book.runs()["t1"]["run_id"] == made[0].info.run_id
+
+
+def _store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    class Counting(MlflowClient):
+        calls: dict = {}
+
+        def log_batch(self, *args, **kwargs):
+            Counting.calls["log_batch"] = Counting.calls.get("log_batch", 0) + 1
+            return super().log_batch(*args, **kwargs)
+
+        def log_artifacts(self, *args, **kwargs):
+            Counting.calls["log_artifacts"] = Counting.calls.get("log_artifacts", 0) + 1
+            return super().log_artifacts(*args, **kwargs)
+
+    client = Counting(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    return client, exp
+
+
+def test_a_trial_shorter_than_the_batch_interval_costs_one_batch_and_one_upload(tmp_path, monkeypatch):
+    """Params, every result's metrics, the image series and the end go out together (real sqlite store);
+    a running trial's batch goes out once METRICS_EVERY_S has passed since the run was made."""
+    from losstune.search.status import TrialStatus
+    from losstune.search.tracking import RunsBook
+    from losstune.search.tracking import child_runs as cr
+    from losstune.search.tracking.events import CheckpointFiles, TrialEnded, TrialResult, TrialStarted
+    from losstune.search.tracking.pending import PendingWrites
+
+    client, exp = _store(tmp_path)
+    book = RunsBook(tmp_path)
+    pending = PendingWrites(book, None, mlflow=True)
+    runs = cr.ChildRuns(client, exp, None, {}, book)
+    pending.apply(TrialStarted("t1", {"gradient_weight": 0.2}, "trial_t1"))
+    book.save()
+    runs.sync(pending)
+    run_id = book.runs()["t1"]["run_id"]
+    for step in (1, 2):
+        pending.apply(TrialResult("t1", step, {"training_iteration": step, "composite": 0.1 * step}, 1000 + step))
+        pending.apply(CheckpointFiles("t1", step, {"predictions.png": b"png", "predictions.webp": b"webp"}, 1000))
+        runs.sync(pending)
+    assert client.calls == {}  # held: the run was made less than METRICS_EVERY_S ago
+    pending.apply(TrialEnded("t1", TrialStatus.FINISHED))
+    runs.sync(pending)
+    assert client.calls == {"log_batch": 1, "log_artifacts": 1}
+    run = client.get_run(run_id)
+    assert run.data.params == {"gradient_weight": "0.2"} and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "composite")] == [1, 2]
+    assert len([a for a in client.list_artifacts(run_id, "images")]) == 4  # 2 images + their thumbnails
+
+    monkeypatch.setattr(cr, "METRICS_EVERY_S", 0.0)  # a running trial's batch is due at once
+    pending.apply(TrialStarted("t2", {"gradient_weight": 0.3}, "trial_t2"))
+    book.save()
+    runs.sync(pending)
+    pending.apply(TrialResult("t2", 1, {"training_iteration": 1, "composite": 0.5}, 2000))
+    runs.sync(pending)
+    run = client.get_run(book.runs()["t2"]["run_id"])
+    assert run.data.params == {"gradient_weight": "0.3"} and run.data.metrics == {"composite": 0.5}
+    assert run.info.status == "RUNNING" and client.calls["log_batch"] == 2  # params went with the first metrics
+
+
+def test_a_run_found_again_gets_the_params_its_first_batch_never_sent(tmp_path):
+    """A driver killed between a run's creation and its first batch: on resume the run continues and gets
+    its params (those it has are not sent again)."""
+    from losstune.search.tracking import RunsBook
+    from losstune.search.tracking.child_runs import TRIAL_TAG, ChildRuns
+    from losstune.search.tracking.events import TrialStarted
+    from losstune.search.tracking.pending import PendingWrites
+
+    client, exp = _store(tmp_path)
+    made = client.create_run(exp, run_name="trial_t1", tags={TRIAL_TAG: "t1"}).info.run_id
+    client.log_param(made, "lr", "0.001")
+    book = RunsBook(tmp_path)
+    book.merge({"t1": {"run_id": made, "status": "running"}})
+    pending = PendingWrites(book, None, mlflow=True)
+    pending.apply(TrialStarted("t1", {"lr": 0.001, "gradient_weight": 0.2}, "trial_t1"))
+    ChildRuns(client, exp, None, {}, book).sync(pending, everything=True)
+    assert client.get_run(made).data.params == {"lr": "0.001", "gradient_weight": "0.2"}
