@@ -37,7 +37,22 @@ def make_sampler(sweep: Sweep):
 
 class TrialIdOptunaSearch(OptunaSearch):
     """Ray's ``OptunaSearch`` that also stores the Tune trial id on each Optuna trial it asks for, so a
-    resume can tell which Optuna trials belonged to trials Tune no longer knows (:func:`fail_lost_trials`)."""
+    resume can tell which Optuna trials belonged to trials Tune no longer knows (:func:`fail_lost_trials`).
+
+    After a resume, the trials it knew from Tune's snapshot may have ended in the study since that snapshot:
+    for those (and only those: a trial asked for in this process cannot have) each result reads the study's
+    storage first and leaves a finished Optuna trial alone.
+    """
+
+    _restored: frozenset[str] = frozenset()  # the Tune trial ids this searcher got from a snapshot
+
+    def restore(self, checkpoint_path: str):
+        super().restore(checkpoint_path)
+        self._restored = frozenset(searcher_trials(self))
+
+    def _ended_in_storage(self, trial_id: str) -> bool:
+        ot_trial = searcher_trials(self).get(trial_id)
+        return trial_id in self._restored and ot_trial is not None and is_finished_in_storage(self, ot_trial)
 
     def suggest(self, trial_id: str):
         trials = searcher_trials(self)
@@ -50,17 +65,14 @@ class TrialIdOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # a resume from a snapshot older than a trial's end trains its last epochs again from an earlier
         # checkpoint; Optuna already has that trial's final value, and a finished Optuna trial takes no reports
-        ot_trial = searcher_trials(self).get(trial_id)
-        if ot_trial is not None and is_finished_in_storage(self, ot_trial):
-            return
-        super().on_trial_result(trial_id, result)
+        if not self._ended_in_storage(trial_id):
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
         # a resume from a snapshot taken between a trial's last checkpoint and its end completes it again
         # (from that checkpoint, training nothing): Optuna has its value already, telling twice only warns
-        ot_trial = searcher_trials(self).get(trial_id)
         completed = searcher_completed(self)
-        if ot_trial is not None and trial_id not in completed and is_finished_in_storage(self, ot_trial):
+        if trial_id not in completed and self._ended_in_storage(trial_id):
             completed.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
