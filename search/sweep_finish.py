@@ -98,9 +98,10 @@ def _backfill(run: SweepRun, callback: TrackingCallback, results: SweepResults, 
     counts = best_effort(lambda: backfill_runs(run.tracking_uri, callback.runs(), results.histories), run.out)
     if counts is not None:
         stats["backfilled_metrics"] = counts["metrics"]
-        if counts["metrics"] or counts["statuses"]:
-            run.out(f"[losstune] MLflow: filled in {counts['metrics']} metric values and {counts['statuses']} "
-                    f"statuses lost by the interrupted run, from Ray's results")
+        stats["backfilled_params"] = counts["params"]
+        if counts["metrics"] or counts["params"] or counts["statuses"]:
+            run.out(f"[losstune] MLflow: filled in {counts['metrics']} metric values, {counts['params']} params and "
+                    f"{counts['statuses']} statuses lost by the interrupted run, from Ray's results")
 
 
 def _safe_results(sweep_dir: Path) -> SweepResults | None:

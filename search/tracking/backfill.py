@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from losstune.search.status import TrialStatus
 from losstune.search.tracking.run import STATUS_TAG, RunHandle
-from losstune.search.tracking.store import mlflow_client, now_ms, numeric_metrics
+from losstune.search.tracking.store import mlflow_client, now_ms, numeric_metrics, param_value
 
 
 def backfill_runs(uri: str, runs: Mapping[str, Mapping[str, Any]],
@@ -15,15 +15,16 @@ def backfill_runs(uri: str, runs: Mapping[str, Mapping[str, Any]],
 
     The driver logs asynchronously, so a SIGKILL can lose its last few writes; Ray's per-trial
     ``result.json`` (``histories``: trial id -> results) has everything. For each trial with a run
-    in ``runs`` (the ``mlflow_runs.json`` mapping), log the (metric, step) pairs MLflow lacks and, for
-    a trial that ended, its status. Idempotent: a second call writes nothing.
+    in ``runs`` (the ``mlflow_runs.json`` mapping), log the (metric, step) pairs MLflow lacks, the params
+    it lacks (the entry's ``params``: a run's params go with its first batch) and, for a trial that ended,
+    its status. Idempotent: a second call writes nothing.
 
-    Returns counts: ``runs`` touched, ``metrics`` values written, ``statuses`` set.
+    Returns counts: ``runs`` touched, ``metrics`` values written, ``params`` written, ``statuses`` set.
     """
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
     client = mlflow_client(uri)
-    counts = {"runs": 0, "metrics": 0, "statuses": 0}
+    counts = {"runs": 0, "metrics": 0, "params": 0, "statuses": 0}
     for trial_id, entry in runs.items():
         if not entry.get("run_id"):
             continue
@@ -44,12 +45,15 @@ def backfill_runs(uri: str, runs: Mapping[str, Mapping[str, Any]],
         stored = client.get_run(run.run_id)
         set_status = status.ended and (stored.data.tags.get(STATUS_TAG) != status
                                        or stored.info.status != status.run_status)
-        if missing:
-            run.log_batch(metrics=missing)
+        params = [Param(k, param_value(v)) for k, v in (entry.get("params") or {}).items()
+                  if k not in stored.data.params]
+        if missing or params:
+            run.log_batch(metrics=missing, params=params)
         if set_status:
             run.end(status)
-        if missing or set_status:
+        if missing or params or set_status:
             counts["runs"] += 1
             counts["metrics"] += len(missing)
+            counts["params"] += len(params)
             counts["statuses"] += int(set_status)
     return counts

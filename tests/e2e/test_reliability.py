@@ -542,8 +542,8 @@ def test_trial_started_after_last_snapshot_is_marked_lost_on_resume(tmp_path, st
 
 
 def test_lost_tracking_writes_are_filled_in_from_rays_results(tmp_path):
-    """What a SIGKILLed driver had still queued for MLflow (here: the last epoch and the end of a
-    trial) is written by the next run of the sweep from the trial's Ray results, once."""
+    """What a SIGKILLed driver had still queued for MLflow (here: the last epoch, a param and the end of a
+    trial) is written by the next run of the sweep from the trial's Ray results and runs file, once."""
     from mlflow.entities import Metric
 
     from losstune.search.tracking import SweepTracker, backfill_runs, log_batch_chunked
@@ -558,13 +558,16 @@ def test_lost_tracking_writes_are_filled_in_from_rays_results(tmp_path):
                 "timestamp": 1_700_000_000 + i} for i in (1, 2, 3)]
     log_batch_chunked(client, child, metrics=[Metric(k, r[k], 0, r["training_iteration"])
                                               for r in history[:2] for k in ("epoch", "composite")])
-    runs = {"t1": {"run_id": child, "status": "finished", "epochs": 3}}
+    client.log_param(child, "lr", "0.001")
+    runs = {"t1": {"run_id": child, "status": "finished", "epochs": 3,
+                   "params": {"lr": 0.001, "gradient_weight": 0.2}}}
     counts = backfill_runs(uri, runs, {"t1": history})
-    assert counts == {"runs": 1, "metrics": 2, "statuses": 1}
+    assert counts == {"runs": 1, "metrics": 2, "params": 1, "statuses": 1}
+    assert client.get_run(child).data.params == {"lr": "0.001", "gradient_weight": "0.2"}
     assert sorted(m.step for m in client.get_metric_history(child, "composite")) == [1, 2, 3]
     run = client.get_run(child)
     assert run.info.status == "FINISHED" and run.data.tags["losstune.status"] == "finished"
-    assert backfill_runs(uri, runs, {"t1": history}) == {"runs": 0, "metrics": 0, "statuses": 0}  # once
+    assert backfill_runs(uri, runs, {"t1": history}) == {"runs": 0, "metrics": 0, "params": 0, "statuses": 0}
 
 
 # ----- NaN / inf loss ---------------------------------------------------------------------------------------
