@@ -14,7 +14,8 @@ import losstune.losses
 
 MODULES = sorted([f"losstune.losses.{m.name}" for m in pkgutil.iter_modules(losstune.losses.__path__)] + [
     "losstune.search.space", "losstune.search.param_specs", "losstune.search.status", "losstune.search.formatting",
-    "losstune.search.study", "losstune.search.tracking.store_process", "losstune.trainables.terms"])
+    "losstune.search.study", "losstune.search.tracking.store", "losstune.search.tracking.store_process",
+    "losstune.trainables.terms"])
 # the modules whose public functions must show an example
 WITH_EXAMPLES = {"losstune.losses.pixel", "losstune.losses.gradient", "losstune.losses.intensity",
                  "losstune.losses.weighting", "losstune.losses.diffusion", "losstune.losses.perceptual",

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from losstune.search.status import TrialStatus
 from losstune.search.tracking.run import STATUS_TAG, RunHandle
-from losstune.search.tracking.store import mlflow_client, now_ms, numeric_metrics, param_value
+from losstune.search.tracking.store import missing_params, mlflow_client, now_ms, numeric_metrics
 
 
 def backfill_runs(uri: str, runs: Mapping[str, Mapping[str, Any]],
@@ -45,8 +45,7 @@ def backfill_runs(uri: str, runs: Mapping[str, Mapping[str, Any]],
         stored = client.get_run(run.run_id)
         set_status = status.ended and (stored.data.tags.get(STATUS_TAG) != status
                                        or stored.info.status != status.run_status)
-        params = [Param(k, param_value(v)) for k, v in (entry.get("params") or {}).items()
-                  if k not in stored.data.params]
+        params = [Param(k, v) for k, v in missing_params(entry.get("params"), stored.data.params).items()]
         if missing or params:
             run.log_batch(metrics=missing, params=params)
         if set_status:

@@ -21,7 +21,7 @@ from losstune.search.status import TrialStatus
 from losstune.search.tracking.pending import PendingWrites, TrialState
 from losstune.search.tracking.run import STATUS_TAG, RunHandle
 from losstune.search.tracking.runs_file import RunsBook
-from losstune.search.tracking.store import param_value
+from losstune.search.tracking.store import missing_params
 
 logger = logging.getLogger("losstune.tracking")
 
@@ -92,17 +92,13 @@ class ChildRuns:
                 tags[PARENT_TAG] = self.parent_run_id
             state.create_tried = True
             run_id = RunHandle.create(self.client, self.experiment_id, state.name, tags).run_id
-            state.params_pending = self._params(state)  # sent with the run's first batch
+            state.params_pending = missing_params(state.params, {})  # sent with the run's first batch
         else:
             state.reopen = True
         state.written_at = time.monotonic()
         state.run_id = run_id
         self.book.set_run_id(state.trial_id, run_id)
         self.book.save()  # before anything else: a driver killed from here on finds the run again
-
-    @staticmethod
-    def _params(state: TrialState) -> dict[str, str]:
-        return {k: param_value(v) for k, v in (state.params or {}).items()}
 
     def _write(self, state: TrialState, batch_due: bool) -> None:
         """When ``batch_due`` or the trial ends: one ``log_batch`` (params, metrics, tags: the status tag too
@@ -116,8 +112,7 @@ class ChildRuns:
                 state.tags[STATUS_TAG] = TrialStatus.RUNNING.value
             # a driver killed before the run's first batch left it without params: they go with the next batch
             if state.params:
-                logged = self.client.get_run(state.run_id).data.params
-                state.params_pending = {k: v for k, v in self._params(state).items() if k not in logged}
+                state.params_pending = missing_params(state.params, self.client.get_run(state.run_id).data.params)
             state.reopen = False
         tags = {**state.tags, STATUS_TAG: state.end.value} if state.end else state.tags
         # DATA_PARAMS: the same value on every result of a trial, logged once

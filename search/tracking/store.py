@@ -50,6 +50,15 @@ def param_value(value: Any) -> str:
     return text if len(text) <= PARAM_LEN else text[:PARAM_LEN - 3] + "..."
 
 
+def missing_params(params: Mapping[str, Any] | None, logged: Mapping[str, str]) -> dict[str, str]:
+    """The ``params`` a run does not have yet (``logged``: its params), as MLflow stores them.
+
+    >>> missing_params({"lr": 0.001, "gradient_weight": 0.2}, {"lr": "0.001"})
+    {'gradient_weight': '0.2'}
+    """
+    return {k: param_value(v) for k, v in (params or {}).items() if k not in logged}
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mappings as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
     out: dict[str, Any] = {}

@@ -130,8 +130,11 @@ def _store(tmp_path):
     class Counting(MlflowClient):
         calls: dict = {}
 
+        params_sent: list = []
+
         def log_batch(self, *args, **kwargs):
             Counting.calls["log_batch"] = Counting.calls.get("log_batch", 0) + 1
+            Counting.params_sent += [p.key for p in kwargs.get("params") or ()]
             return super().log_batch(*args, **kwargs)
 
         def log_artifacts(self, *args, **kwargs):
@@ -201,3 +204,4 @@ def test_a_run_found_again_gets_the_params_its_first_batch_never_sent(tmp_path):
     pending.apply(TrialStarted("t1", {"lr": 0.001, "gradient_weight": 0.2}, "trial_t1"))
     ChildRuns(client, exp, None, {}, book).sync(pending, everything=True)
     assert client.get_run(made).data.params == {"lr": "0.001", "gradient_weight": "0.2"}
+    assert client.params_sent == ["gradient_weight"]
