@@ -72,6 +72,7 @@ METHODS = {
     "random + hand-set first": ("random", False, True),
     "tpe+asha, no hand-set": ("tpe", True, False),
 }
+CONTROLS = tuple(m for m in METHODS if m not in ("tpe+asha", "random"))
 
 
 def sweep_dict(s: dict[str, Any], method: str, seed: int, results_dir: str) -> dict[str, Any]:
@@ -310,7 +311,7 @@ def main(argv=None) -> dict[str, Any]:
                  "ratio_vs_random_budget": e_tpe / rnd["epochs_used"], "tpe_trials": tpe["trials"],
                  "tpe_stopped_early": tpe["stopped_early"], "random_trials": rnd["trials"],
                  "controls": {m: control_entry(o, target, e_rnd) for m, o in by_method.items()
-                              if m not in ("tpe+asha", "random")}}
+                              if m in CONTROLS}}
         per_seed.append(entry)
         rows.append([f"TPE + ASHA (seed {seed})", tpe["epochs_used"], tpe["trials"], tpe["best"], e_tpe,
                      entry["ratio_vs_random_epochs_to_best"]])
@@ -327,7 +328,7 @@ def main(argv=None) -> dict[str, Any]:
     ratios = [e["ratio_vs_random_epochs_to_best"] for e in per_seed]
     median_ratio = median_counting_inf(ratios)
     control_medians = {m: median_counting_inf([e["controls"][m]["ratio"] for e in per_seed])
-                       for m in METHODS if m not in ("tpe+asha", "random")}
+                       for m in CONTROLS}
     oracle = sorted(e["oracle_ratio"] for e in per_seed)
     oracle_median = oracle[len(oracle) // 2] if len(oracle) % 2 else common.median(oracle)
     best_hand = max(sc["best"] for sc in hand["scenarios"])
