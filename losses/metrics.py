@@ -4,7 +4,8 @@ Every metric accepts ``N×C×H×W``, ``C×H×W`` or ``H×W`` tensors (``pred`` a
 same shape, values in [0, 1]) and returns the batch mean as a Python float; ``<name>_per_sample``
 returns a 1-D float32 tensor of length N on the input's device. Inputs are checked (shapes,
 sizes, NaN/inf -> ``ValueError`` naming the argument), everything runs under ``torch.no_grad``
-in float32 (half-precision inputs are upcast). :func:`evaluate_all` computes every metric and
+in float32 (half-precision inputs are upcast), also inside a caller's ``torch.autocast`` region and
+with cuDNN's TF32 turned off for the call. :func:`evaluate_all` computes every metric and
 the composite score sharing the intermediate results, over the whole frame and, given a mask,
 over a region (``<name>_active``).
 
@@ -27,8 +28,10 @@ composite           [-1, 1]       the tuning objective (:func:`composite_score`)
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -52,6 +55,34 @@ SHARPNESS_FLOOR = 1e-6 * DATA_RANGE
 SHARPNESS_MAX = 2.0
 DEFAULT_COMPOSITE_WEIGHTS = {"ssim": 0.4, "mse": 0.3, "gradient_match": 0.3}
 METRIC_NAMES = ("ssim", "mse", "psnr", "gradient_match", "sharpness_ratio", "histogram_distance")
+
+
+def _float32(metric: Callable) -> Callable:
+    """Run ``metric`` without autograd, outside any autocast region and (on CUDA) without TF32 convolutions.
+
+    The module promises float32 arithmetic: SSIM's local variances (E[x²] − μ², a difference of nearly
+    equal numbers) lose most of their digits when an enclosing ``torch.autocast`` casts the convolutions to
+    bf16/fp16 (SSIM off by ~1e-3 on noisy images) or when cuDNN runs them in TF32, its default for float32
+    on Ampere and newer GPUs. The TF32 switch is process-global: it is restored when the call returns.
+    """
+    @functools.wraps(metric)
+    def wrapper(pred, *args, **kwargs):
+        device_type = pred.device.type if isinstance(pred, Tensor) else "cpu"
+        no_autocast = torch.autocast(device_type, enabled=False) if _has_autocast(device_type) else nullcontext()
+        tf32 = torch.backends.cudnn.allow_tf32
+        try:
+            if device_type == "cuda":
+                torch.backends.cudnn.allow_tf32 = False
+            with torch.no_grad(), no_autocast:
+                return metric(pred, *args, **kwargs)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+    return wrapper
+
+
+def _has_autocast(device_type: str) -> bool:
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    return available(device_type) if available else device_type in ("cpu", "cuda")
 
 
 # ----- input handling ------------------------------------------------------------------------------
@@ -203,7 +234,7 @@ def _composite(ssim_value: float, mse_value: float, gm_value: float, weights: Ma
 
 # ----- public per-sample metrics -------------------------------------------------------------------
 
-@torch.no_grad()
+@_float32
 def ssim_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     """Structural similarity (Wang, Bovik, Sheikh & Simoncelli, IEEE TIP 2004) per sample.
 
@@ -215,13 +246,13 @@ def ssim_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     return _ssim(*_prepare(pred, target, SSIM_MIN_SIZE))
 
 
-@torch.no_grad()
+@_float32
 def mse_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error per sample."""
     return _mse(*_prepare(pred, target))
 
 
-@torch.no_grad()
+@_float32
 def psnr_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     """Peak signal-to-noise ratio ``10·log10(1 / MSE)`` in dB per sample (data range 1).
 
@@ -230,7 +261,7 @@ def psnr_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     return _psnr_from_mse(_mse(*_prepare(pred, target)))
 
 
-@torch.no_grad()
+@_float32
 def gradient_match_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     """Mean gradient-magnitude similarity in (0, 1] per sample; 1 for identical images.
 
@@ -242,7 +273,7 @@ def gradient_match_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     return _gms(_gradient_magnitude(p), _gradient_magnitude(t))
 
 
-@torch.no_grad()
+@_float32
 def sharpness_ratio_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     """How sharp the prediction is relative to the target, in [0, 2], per sample.
 
@@ -258,7 +289,7 @@ def sharpness_ratio_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     return _sharpness(_gradient_magnitude(p), _gradient_magnitude(t))
 
 
-@torch.no_grad()
+@_float32
 def histogram_distance_per_sample(pred: Tensor, target: Tensor) -> Tensor:
     """Wasserstein-1 distance between the intensity distributions of ``pred`` and ``target``.
 
@@ -305,7 +336,7 @@ def histogram_distance(pred: Tensor, target: Tensor) -> float:
     return _mean(histogram_distance_per_sample(pred, target))
 
 
-@torch.no_grad()
+@_float32
 def composite_score(pred: Tensor, target: Tensor, weights: Mapping[str, float] | None = None,
                     mse_ref: float | None = None) -> float:
     """The tuning objective: ``w_ssim·SSIM + w_mse·skill + w_gm·gradient_match`` in [-1, 1] (higher is better).
@@ -394,7 +425,7 @@ def _region_metrics(p: Tensor, t: Tensor, maps: Mapping[str, Tensor], mask: Tens
     return values, total == 0
 
 
-@torch.no_grad()
+@_float32
 def evaluate_all(pred: Tensor, target: Tensor, mse_ref: float | None = None,
                  weights: Mapping[str, float] | None = None, *, mask: Tensor | None = None,
                  mse_ref_active: float | None = None, region: str = "full") -> dict[str, float]:

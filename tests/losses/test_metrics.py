@@ -266,6 +266,21 @@ def test_half_precision_inputs_are_computed_in_float32(dtype):
     assert M.ssim_per_sample(p, t).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_metrics_inside_a_callers_autocast_region_stay_float32(dtype):
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(2, 3, 32, 32, generator=g)
+    p = (t + 0.05 * torch.randn(t.shape, generator=g)).clamp(0, 1)
+    mask = torch.rand(2, 1, 32, 32, generator=g) > 0.5
+    ref = M.evaluate_all(p, t, mse_ref=0.01, mask=mask, mse_ref_active=0.02)
+    singles = {name: getattr(M, name)(p, t) for name in METRICS}
+    with torch.autocast("cpu", dtype=dtype):  # a training loop's region: it would cast the convolutions
+        assert M.evaluate_all(p, t, mse_ref=0.01, mask=mask, mse_ref_active=0.02) == ref
+        assert {name: getattr(M, name)(p, t) for name in METRICS} == singles
+        assert M.composite_score(p, t, mse_ref=0.01) == ref["composite_full"]
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is left as it was
+
+
 def test_metrics_do_not_track_gradients():
     p = torch.rand(1, 1, 16, 16, requires_grad=True)
     t = torch.rand(1, 1, 16, 16)
