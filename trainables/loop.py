@@ -325,7 +325,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = state["epoch"], state["step"]
@@ -350,7 +351,9 @@ class Trainer:
         path = path / STATE_FILE if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"no training state at {path}")
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        # read onto the CPU: the RNG states must be CPU tensors, and the model's and optimiser's load_state_dict
+        # copy their tensors to the model's device themselves (so a GPU run also resumes on a CPU)
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ----- for reports ---------------------------------------------------------------------
     @torch.no_grad()
