@@ -101,7 +101,10 @@ class Trainer:
         self.model: nn.Module = self.task.build_model().to(self.device)
         for module in self.task.loss_modules:
             module.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused on CUDA: one kernel per step, and under fp16's GradScaler it skips a step with inf gradients on
+        # the device (the unfused path reads the inf flag on the host: a sync every step)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=True if self.device.type == "cuda" else None)
         self.steps_per_epoch = math.ceil(self.task.num_train / cfg.batch_size)
         self.scheduler = self._make_scheduler()
         # the scaler only does something for fp16; bf16 and fp32 need no loss scaling
@@ -130,17 +133,16 @@ class Trainer:
         return True
 
     def _place(self, data: Batch) -> Batch:
-        if self.preloaded:
-            return {k: v.to(self.device) for k, v in data.items()}
-        if self.device.type == "cuda":  # pinned host memory makes the per-step copies asynchronous
-            return {k: v.pin_memory() for k, v in data.items()}
-        return data
+        return {k: v.to(self.device) for k, v in data.items()} if self.preloaded else data
 
     def _batch(self, data: Batch, idx: torch.Tensor) -> Batch:
         if self.preloaded:
             return {k: v[idx] for k, v in data.items()}
-        idx = idx.cpu()
-        return {k: v[idx].to(self.device, non_blocking=True) for k, v in data.items()}
+        if self.device.type != "cuda":
+            return {k: v[idx].to(self.device) for k, v in data.items()}
+        # each batch is gathered into pinned memory (PyTorch's caching host allocator reuses the blocks), so its
+        # copy to the GPU is asynchronous; a copy from pageable memory would block the host until it is done
+        return {k: v[idx].pin_memory().to(self.device, non_blocking=True) for k, v in data.items()}
 
     def _make_scheduler(self):
         cfg = self.config
