@@ -11,7 +11,7 @@ Runs only where CUDA is present; elsewhere it prints "skipped: no CUDA" and writ
   (k × samples per epoch ÷ median epoch time).
 
 ``--cpu-dry-run`` runs the same code on the CPU at a tiny size (``gpu: 0``) to check it works; its
-numbers mean nothing.
+numbers mean nothing. ``--no-packing`` measures AMP alone (no Ray needed).
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def measure_packing(device: str, quick: bool, dry: bool, tmp: Path) -> list[dict
 
 def main(argv=None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv, extra=[
-        (("--cpu-dry-run",), {"action": "store_true", "help": "run the code on the CPU (tiny; checks it works)"})])
+        (("--cpu-dry-run",), {"action": "store_true", "help": "run the code on the CPU (tiny; checks it works)"}),
+        (("--no-packing",), {"action": "store_true", "help": "AMP only: no sweeps (e.g. where Ray is not installed)"})])
     started = time.perf_counter()
     common.ensure_repo_on_path()
     import torch
@@ -134,15 +135,18 @@ def main(argv=None) -> dict[str, Any]:
     if device == "cpu":
         common.set_single_thread()
     amp = measure_amp(device, args.quick, args.cpu_dry_run)
-    with tempfile.TemporaryDirectory(prefix="losstune-bench-gpu-") as tmpdir:
-        packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir))
     t1 = common.table(["amp", "autocast dtype", "train s/epoch", "samples/s", "speed-up vs fp32", "eval s/epoch"],
                       [[r["amp"], r["dtype"], r["train_s_per_epoch"], r["samples_per_s"], r["speedup_vs_fp32"],
                         r["eval_s_per_epoch"]] for r in amp])
-    t2 = common.table(["trials per GPU", "trials", "sweep wall s", "samples/s (wall)", "gain", "samples/s (epochs)",
-                       "gain"],
-                      [[r["trials_per_gpu"], r["trials"], r["wall_s"], r["samples_per_s_wall"], r["gain_wall"],
-                        r["samples_per_s_epochs"], r["gain_epochs"]] for r in packing])
+    if args.no_packing:
+        packing, t2 = [], "packing: not measured (--no-packing)"
+    else:
+        with tempfile.TemporaryDirectory(prefix="losstune-bench-gpu-") as tmpdir:
+            packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir))
+        t2 = common.table(["trials per GPU", "trials", "sweep wall s", "samples/s (wall)", "gain",
+                           "samples/s (epochs)", "gain"],
+                          [[r["trials_per_gpu"], r["trials"], r["wall_s"], r["samples_per_s_wall"], r["gain_wall"],
+                            r["samples_per_s_epochs"], r["gain_epochs"]] for r in packing])
     print(f"\nGPU path on {device}{' (CPU DRY RUN: numbers mean nothing)' if device == 'cpu' else ''}"
           f"{' (QUICK)' if args.quick else ''}")
     print(t1)
