@@ -8,18 +8,7 @@ import torch
 
 from losstune.trainables.config import ConfigError
 from losstune.trainables.loop import DIVERGED_SCORE, Trainer, train
-
-TINY = {
-    "microstructure": {"task": "microstructure", "batch_size": 4, "lr": 3e-3,
-                       "data": {"size": 32, "num_sequences": 6, "frames": 8, "seq_length": 3},
-                       "model": {"hidden_channels": [8, 16]}},
-    "microscopy-unet": {"task": "microscopy", "batch_size": 8, "lr": 3e-3, "intensity_weight": 0.1,
-                        "gradient_weight": 0.1, "data": {"size": 32, "num_train": 48, "num_val": 8},
-                        "model": {"name": "unet", "base_channels": 8}},
-    "microscopy-ddpm": {"task": "microscopy", "batch_size": 8, "lr": 3e-3, "intensity_weight": 0.1,
-                        "data": {"size": 32, "num_train": 48, "num_val": 8},
-                        "model": {"name": "ddpm", "base_channels": 8, "timesteps": 100, "sampling_steps": 5}},
-}
+from tiny import TINY
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
