@@ -4,8 +4,9 @@ Each wake-up it gathers the events queued for up to ``flush_interval`` seconds, 
 (:class:`PendingWrites`, the :class:`RunsBook`), saves the runs file if it changed, and writes what
 is pending per child run in batches (:class:`ChildRuns`: a run's params, metrics, tags and images at most
 ``METRICS_EVERY_S`` after it was made or last written; everything at once on a flush and at the end).
-While the tracking server is down the writes stay pending and are retried with backoff (0.5 s doubling up to 30 s); trials keep running
-meanwhile, and their results stay in Ray's trial folders for ``losstune export`` and the backfill.
+While the tracking server is down the writes stay pending and are retried with backoff (0.5 s doubling
+up to 30 s); trials keep running meanwhile, and their results stay in Ray's trial folders for
+``losstune export`` and the backfill.
 :meth:`TrackingWriter.close` keeps retrying until its deadline, then says what it gave up.
 """
 
