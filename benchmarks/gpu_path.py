@@ -9,6 +9,12 @@ Runs only where CUDA is present; elsewhere it prints "skipped: no CUDA" and writ
   = 1/k and ``max_concurrent`` = k for k = 1, 2, 4 (2·k trials each, so every slot runs two); aggregate
   train samples/s = (samples trained by all trials) ÷ (Tune's wall time), and from the epoch times
   (k × samples per epoch ÷ median epoch time).
+* ``--packing processes`` (no Ray needed): what the GPU does when k trials share it, without the sweep
+  around them. k processes (as Ray starts k trial workers for ``resources.gpu: 1/k``) each build the
+  same ``Trainer``, train one warm-up epoch, wait for each other, then train the timed epochs side by
+  side; aggregate samples/s = (samples trained by all) ÷ (last end − common start), per precision
+  (``amp: off`` and ``auto``). Set-up, process start and Tune's scheduling are not in it: it is the
+  upper bound of what packing can give a sweep.
 
 ``--cpu-dry-run`` runs the same code on the CPU at a tiny size (``gpu: 0``) to check it works; its
 numbers mean nothing. ``--no-packing`` measures AMP alone (no Ray needed).
@@ -115,10 +121,67 @@ def measure_packing(device: str, quick: bool, dry: bool, tmp: Path) -> list[dict
     return out
 
 
+def _packed_trainer(config: dict[str, Any], epochs: int, barrier, results) -> None:
+    """One of the k processes of :func:`measure_packing_processes` (module-level: spawned processes import it)."""
+    try:
+        from losstune.trainables.loop import Trainer
+        trainer = Trainer(config)
+        trainer.run_epoch()  # warm-up (CUDA context, cuDNN autotuning, allocator), not timed
+        barrier.wait(timeout=600)
+        start, times = time.monotonic(), []
+        for _ in range(epochs):
+            times.append(trainer.run_epoch().metrics["epoch_time_s"])
+        results.put({"start": start, "end": time.monotonic(), "epoch_s": times, "num_train": trainer.task.num_train,
+                     "dtype": str(trainer.amp_dtype)})
+    except BaseException as err:  # noqa: BLE001 - the parent reports it; the others must not wait for this one
+        barrier.abort()
+        results.put({"error": f"{type(err).__name__}: {err}"})
+
+
+def measure_packing_processes(device: str, quick: bool, dry: bool, ks: tuple[int, ...] | None = None,
+                              amps: tuple[str, ...] = ("off", "auto")) -> list[dict[str, Any]]:
+    """k = 1, 2, 4 training processes on one device at once, per precision (see the module docstring); the
+    gains are over k = 1 of the same precision (nan where ``ks`` lacks 1)."""
+    import math
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    epochs = 2 if (quick or dry) else 10
+    ks = ks or ((1, 2) if (quick or dry) else (1, 2, 4))
+    out = []
+    for amp in amps:
+        for k in ks:
+            config = {**train_config(device, amp, quick, dry), "num_threads": 1 if dry else 2}
+            barrier, results = ctx.Barrier(k), ctx.Queue()
+            procs = [ctx.Process(target=_packed_trainer, args=(config, epochs, barrier, results)) for _ in range(k)]
+            for p in procs:
+                p.start()
+            got = [results.get(timeout=900) for _ in procs]
+            for p in procs:
+                p.join(60)
+            errors = [g["error"] for g in got if "error" in g]
+            if errors:
+                raise RuntimeError(f"packing k={k} amp={amp}: {errors[0]}")
+            wall = max(g["end"] for g in got) - min(g["start"] for g in got)
+            samples = sum(g["num_train"] * len(g["epoch_s"]) for g in got)
+            med = common.median([t for g in got for t in g["epoch_s"]])
+            out.append({"amp": amp, "dtype": got[0]["dtype"], "processes": k, "epochs": epochs, "wall_s": wall,
+                        "samples_per_s_wall": samples / wall, "median_epoch_s": med,
+                        "samples_per_s_epochs": k * got[0]["num_train"] / med})
+    for r in out:
+        base = next((b for b in out if b["amp"] == r["amp"] and b["processes"] == 1), None)
+        r["gain_wall"] = r["samples_per_s_wall"] / base["samples_per_s_wall"] if base else math.nan
+        r["gain_epochs"] = r["samples_per_s_epochs"] / base["samples_per_s_epochs"] if base else math.nan
+    return out
+
+
 def main(argv=None) -> dict[str, Any]:
     args = common.parse_args(__doc__.splitlines()[0], argv, extra=[
         (("--cpu-dry-run",), {"action": "store_true", "help": "run the code on the CPU (tiny; checks it works)"}),
-        (("--no-packing",), {"action": "store_true", "help": "AMP only: no sweeps (e.g. where Ray is not installed)"})])
+        (("--no-packing",), {"action": "store_true", "help": "AMP only: no sweeps (e.g. where Ray is not installed)"}),
+        (("--packing",), {"choices": ["sweep", "processes"], "default": "sweep",
+                          "help": "sweep: real losstune sweeps on Ray (default); processes: k trainers side by "
+                                  "side without Ray"})])
     started = time.perf_counter()
     common.ensure_repo_on_path()
     import torch
@@ -140,6 +203,13 @@ def main(argv=None) -> dict[str, Any]:
                         r["eval_s_per_epoch"]] for r in amp])
     if args.no_packing:
         packing, t2 = [], "packing: not measured (--no-packing)"
+    elif args.packing == "processes":
+        packing = measure_packing_processes(device, args.quick, args.cpu_dry_run)
+        t2 = common.table(["amp", "autocast dtype", "processes on one GPU", "wall s", "samples/s (wall)", "gain",
+                           "median epoch s", "samples/s (epochs)", "gain"],
+                          [[r["amp"], r["dtype"], r["processes"], r["wall_s"], r["samples_per_s_wall"],
+                            r["gain_wall"], r["median_epoch_s"], r["samples_per_s_epochs"], r["gain_epochs"]]
+                           for r in packing])
     else:
         with tempfile.TemporaryDirectory(prefix="losstune-bench-gpu-") as tmpdir:
             packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir))
@@ -152,7 +222,8 @@ def main(argv=None) -> dict[str, Any]:
     print(t1)
     print(t2)
     path = common.write_result(NAME, args.out, quick=args.quick, settings={"device": device, "dry_run": args.cpu_dry_run},
-                               results={"skipped": False, "device": device, "amp": amp, "packing": packing},
+                               results={"skipped": False, "device": device, "amp": amp, "packing": packing,
+                                        "packing_mode": None if args.no_packing else args.packing},
                                goals=[], table_text=t1 + "\n" + t2, started=started)
     print(f"wrote {path}")
     return {"amp": amp, "packing": packing}

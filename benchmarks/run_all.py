@@ -93,7 +93,8 @@ def headline(name: str, data: dict[str, Any]) -> list[list[Any]]:
                 rows.append([name, f"AMP {a['amp']}: train samples/s (speed-up vs fp32)",
                              f"{common.fmt(a['samples_per_s'])} ({common.fmt(a['speedup_vs_fp32'])}x)", "", ""])
             for p in r.get("packing", []):
-                rows.append([name, f"{p['trials_per_gpu']} trial(s) per GPU: aggregate samples/s (gain)",
+                k = p.get("trials_per_gpu", p.get("processes"))  # a sweep's trials, or trainers side by side
+                rows.append([name, f"{k} trial(s) per GPU: aggregate samples/s (gain)",
                              f"{common.fmt(p['samples_per_s_wall'])} ({common.fmt(p['gain_wall'])}x)", "", ""])
     return rows
 

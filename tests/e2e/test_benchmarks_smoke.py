@@ -1,4 +1,4 @@
-"""The benchmarks are not part of the test run; this only checks that the cheapest one still runs.
+"""The benchmarks are not part of the test run; this only checks that the cheapest ones still run.
 
 ``python -m benchmarks.loop_throughput --quick`` (a few tiny microstructure epochs, no Ray, no MLflow)
 must write its JSON with the expected keys and finite numbers.
@@ -64,3 +64,17 @@ def test_overhead_startup_probe_measures_a_fresh_trial_process():
     cpu = trial_process_startup_cpu(repeats=1)
     # a new interpreter importing ray.tune and torch and building an optimiser cannot be free, nor take minutes
     assert _finite(cpu) and 0.2 < cpu < 120, cpu
+
+
+def test_gpu_path_packs_trainer_processes_side_by_side():
+    """``--packing processes`` on the CPU (tiny): two spawned trainers, timed together after the barrier."""
+    from benchmarks.gpu_path import measure_packing_processes
+
+    (row,) = measure_packing_processes("cpu", quick=True, dry=True, ks=(2,), amps=("off",))
+    assert row["processes"] == 2 and row["epochs"] == 2 and row["amp"] == "off"
+    # both trained their epochs in the timed window: 2 processes × 2 epochs × the task's training samples
+    assert _finite(row["wall_s"]) and row["wall_s"] > 0
+    assert row["median_epoch_s"] <= row["wall_s"]
+    assert math.isclose(row["samples_per_s_wall"] * row["wall_s"] / (2 * 2), row["samples_per_s_epochs"]
+                        * row["median_epoch_s"] / 2, rel_tol=1e-6)
+    assert math.isnan(row["gain_wall"])  # no k = 1 row to compare with
