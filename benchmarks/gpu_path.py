@@ -35,17 +35,20 @@ from benchmarks import common
 NAME = "gpu_path"
 
 
-def train_config(device: str, amp: str, quick: bool, dry: bool) -> dict[str, Any]:
+def train_config(device: str, amp: str, quick: bool, dry: bool, large: bool = False) -> dict[str, Any]:
+    """The microstructure ConvLSTM the benchmark trains: 64 px, [16, 32, 64] channels; ``large``: 128 px,
+    [32, 64, 128] (~16× the arithmetic per sample); tiny for ``quick`` / ``dry``."""
     small = quick or dry
+    size, channels = (128, [32, 64, 128]) if large else (64, [16, 32, 64])
     return {"task": "microstructure", "seed": 0, "epochs": 50, "batch_size": 8, "lr": 1.0e-3, "device": device,
             "amp": amp, "preload": True, "gradient_weight": 0.1, "perceptual_weight": 0.05,
             "solidification_weighting": True,
             "data": ({"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2} if small
-                     else {"size": 64, "num_sequences": 16, "frames": 12, "seq_length": 4}),
-            "model": {"hidden_channels": [4, 8] if small else [16, 32, 64]}}
+                     else {"size": size, "num_sequences": 16, "frames": 12, "seq_length": 4}),
+            "model": {"hidden_channels": [4, 8] if small else channels}}
 
 
-def measure_amp(device: str, quick: bool, dry: bool) -> list[dict[str, Any]]:
+def measure_amp(device: str, quick: bool, dry: bool, large: bool = False) -> list[dict[str, Any]]:
     import torch
 
     from losstune.trainables.loop import Trainer
@@ -56,7 +59,7 @@ def measure_amp(device: str, quick: bool, dry: bool) -> list[dict[str, Any]]:
     epochs = 2 if (quick or dry) else 6
     out = []
     for amp in modes:
-        trainer = Trainer(train_config(device, amp, quick, dry))
+        trainer = Trainer(train_config(device, amp, quick, dry, large))
         trainer.run_epoch()  # warm-up (cuDNN autotuning, allocator)
         times, evals = [], []
         for _ in range(epochs):
@@ -76,7 +79,7 @@ def measure_amp(device: str, quick: bool, dry: bool) -> list[dict[str, Any]]:
     return out
 
 
-def measure_packing(device: str, quick: bool, dry: bool, tmp: Path) -> list[dict[str, Any]]:
+def measure_packing(device: str, quick: bool, dry: bool, tmp: Path, large: bool = False) -> list[dict[str, Any]]:
     import ray
 
     from losstune.search.config import validate_sweep
@@ -87,7 +90,7 @@ def measure_packing(device: str, quick: bool, dry: bool, tmp: Path) -> list[dict
 
     out = []
     for k in (1, 2) if (quick or dry) else (1, 2, 4):
-        train = train_config(device, "auto", quick, dry)
+        train = train_config(device, "auto", quick, dry, large)
         train["epochs"] = 2 if (quick or dry) else 4
         raw = {"name": f"pack{k}", "train": train,
                "space": {"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.3}},
@@ -139,7 +142,7 @@ def _packed_trainer(config: dict[str, Any], epochs: int, barrier, results) -> No
 
 
 def measure_packing_processes(device: str, quick: bool, dry: bool, ks: tuple[int, ...] | None = None,
-                              amps: tuple[str, ...] = ("off", "auto")) -> list[dict[str, Any]]:
+                              amps: tuple[str, ...] = ("off", "auto"), large: bool = False) -> list[dict[str, Any]]:
     """k = 1, 2, 4 training processes on one device at once, per precision (see the module docstring); the
     gains are over k = 1 of the same precision (nan where ``ks`` lacks 1)."""
     import math
@@ -151,7 +154,7 @@ def measure_packing_processes(device: str, quick: bool, dry: bool, ks: tuple[int
     out = []
     for amp in amps:
         for k in ks:
-            config = {**train_config(device, amp, quick, dry), "num_threads": 1 if dry else 2}
+            config = {**train_config(device, amp, quick, dry, large), "num_threads": 1 if dry else 2}
             barrier, results = ctx.Barrier(k), ctx.Queue()
             procs = [ctx.Process(target=_packed_trainer, args=(config, epochs, barrier, results)) for _ in range(k)]
             for p in procs:
@@ -181,7 +184,8 @@ def main(argv=None) -> dict[str, Any]:
         (("--no-packing",), {"action": "store_true", "help": "AMP only: no sweeps (e.g. where Ray is not installed)"}),
         (("--packing",), {"choices": ["sweep", "processes"], "default": "sweep",
                           "help": "sweep: real losstune sweeps on Ray (default); processes: k trainers side by "
-                                  "side without Ray"})])
+                                  "side without Ray"}),
+        (("--large",), {"action": "store_true", "help": "a larger model: 128 px, [32, 64, 128] channels"})])
     started = time.perf_counter()
     common.ensure_repo_on_path()
     import torch
@@ -197,14 +201,14 @@ def main(argv=None) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"
     if device == "cpu":
         common.set_single_thread()
-    amp = measure_amp(device, args.quick, args.cpu_dry_run)
+    amp = measure_amp(device, args.quick, args.cpu_dry_run, args.large)
     t1 = common.table(["amp", "autocast dtype", "train s/epoch", "samples/s", "speed-up vs fp32", "eval s/epoch"],
                       [[r["amp"], r["dtype"], r["train_s_per_epoch"], r["samples_per_s"], r["speedup_vs_fp32"],
                         r["eval_s_per_epoch"]] for r in amp])
     if args.no_packing:
         packing, t2 = [], "packing: not measured (--no-packing)"
     elif args.packing == "processes":
-        packing = measure_packing_processes(device, args.quick, args.cpu_dry_run)
+        packing = measure_packing_processes(device, args.quick, args.cpu_dry_run, large=args.large)
         t2 = common.table(["amp", "autocast dtype", "processes on one GPU", "wall s", "samples/s (wall)", "gain",
                            "median epoch s", "samples/s (epochs)", "gain"],
                           [[r["amp"], r["dtype"], r["processes"], r["wall_s"], r["samples_per_s_wall"],
@@ -212,7 +216,7 @@ def main(argv=None) -> dict[str, Any]:
                            for r in packing])
     else:
         with tempfile.TemporaryDirectory(prefix="losstune-bench-gpu-") as tmpdir:
-            packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir))
+            packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir), args.large)
         t2 = common.table(["trials per GPU", "trials", "sweep wall s", "samples/s (wall)", "gain",
                            "samples/s (epochs)", "gain"],
                           [[r["trials_per_gpu"], r["trials"], r["wall_s"], r["samples_per_s_wall"], r["gain_wall"],
@@ -221,7 +225,8 @@ def main(argv=None) -> dict[str, Any]:
           f"{' (QUICK)' if args.quick else ''}")
     print(t1)
     print(t2)
-    path = common.write_result(NAME, args.out, quick=args.quick, settings={"device": device, "dry_run": args.cpu_dry_run},
+    path = common.write_result(NAME, args.out, quick=args.quick, settings={"device": device, "dry_run": args.cpu_dry_run,
+                                                                     "large": args.large},
                                results={"skipped": False, "device": device, "amp": amp, "packing": packing,
                                         "packing_mode": None if args.no_packing else args.packing},
                                goals=[], table_text=t1 + "\n" + t2, started=started)
