@@ -225,8 +225,8 @@ def main(argv=None) -> dict[str, Any]:
           f"{' (QUICK)' if args.quick else ''}")
     print(t1)
     print(t2)
-    path = common.write_result(NAME, args.out, quick=args.quick, settings={"device": device, "dry_run": args.cpu_dry_run,
-                                                                     "large": args.large},
+    settings = {"device": device, "dry_run": args.cpu_dry_run, "large": args.large}
+    path = common.write_result(NAME, args.out, quick=args.quick, settings=settings,
                                results={"skipped": False, "device": device, "amp": amp, "packing": packing,
                                         "packing_mode": None if args.no_packing else args.packing},
                                goals=[], table_text=t1 + "\n" + t2, started=started)
