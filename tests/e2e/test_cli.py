@@ -292,6 +292,8 @@ def https_server(tmp_path):
     server.server_close()
 
 
+# the insecure part of this test asks for an unverified request: urllib3's warning about it is the expected outcome
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_the_pre_check_honours_mlflows_tls_and_auth_settings(https_server, clean_env):
     """A private CA (MLFLOW_TRACKING_SERVER_CERT_PATH), MLFLOW_TRACKING_INSECURE_TLS and a token
     (MLFLOW_TRACKING_TOKEN) reach the pre-check, because it asks through MLflow's client."""
