@@ -171,6 +171,8 @@ def measure_packing_processes(device: str, quick: bool, dry: bool, ks: tuple[int
             out.append({"amp": amp, "dtype": got[0]["dtype"], "processes": k, "epochs": epochs, "wall_s": wall,
                         "samples_per_s_wall": samples / wall, "median_epoch_s": med,
                         "samples_per_s_epochs": k * got[0]["num_train"] / med})
+            # each row as it comes: a run cut short by a time limit still shows what it measured
+            print(f"packing amp={amp} processes={k}: {samples / wall:.1f} samples/s over {wall:.2f} s", flush=True)
     for r in out:
         base = next((b for b in out if b["amp"] == r["amp"] and b["processes"] == 1), None)
         r["gain_wall"] = r["samples_per_s_wall"] / base["samples_per_s_wall"] if base else math.nan
