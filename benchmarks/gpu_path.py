@@ -48,10 +48,16 @@ def train_config(device: str, amp: str, quick: bool, dry: bool, large: bool = Fa
             "model": {"hidden_channels": [4, 8] if small else channels}}
 
 
+def _warm_trainer(config: dict[str, Any]):
+    """A ``Trainer`` of ``config`` that has trained one epoch, untimed (CUDA context, cuDNN autotuning, allocator)."""
+    from losstune.trainables.loop import Trainer
+    trainer = Trainer(config)
+    trainer.run_epoch()
+    return trainer
+
+
 def measure_amp(device: str, quick: bool, dry: bool, large: bool = False) -> list[dict[str, Any]]:
     import torch
-
-    from losstune.trainables.loop import Trainer
 
     modes = ["off", "bf16", "fp16"]
     if device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -59,14 +65,10 @@ def measure_amp(device: str, quick: bool, dry: bool, large: bool = False) -> lis
     epochs = 2 if (quick or dry) else 6
     out = []
     for amp in modes:
-        trainer = Trainer(train_config(device, amp, quick, dry, large))
-        trainer.run_epoch()  # warm-up (cuDNN autotuning, allocator)
-        times, evals = [], []
-        for _ in range(epochs):
-            m = trainer.run_epoch().metrics
-            times.append(m["epoch_time_s"] - m["eval_time_s"])
-            evals.append(m["eval_time_s"])
-        train_s = common.median(times)
+        trainer = _warm_trainer(train_config(device, amp, quick, dry, large))
+        metrics = [trainer.run_epoch().metrics for _ in range(epochs)]
+        evals = [m["eval_time_s"] for m in metrics]
+        train_s = common.median([m["epoch_time_s"] - m["eval_time_s"] for m in metrics])
         out.append({"amp": amp, "dtype": str(trainer.amp_dtype), "train_s_per_epoch": train_s,
                     "eval_s_per_epoch": common.median(evals), "samples_per_s": trainer.task.num_train / train_s,
                     "composite": trainer.history[-1].get("composite")})
@@ -127,13 +129,10 @@ def measure_packing(device: str, quick: bool, dry: bool, tmp: Path, large: bool 
 def _packed_trainer(config: dict[str, Any], epochs: int, barrier, results) -> None:
     """One of the k processes of :func:`measure_packing_processes` (module-level: spawned processes import it)."""
     try:
-        from losstune.trainables.loop import Trainer
-        trainer = Trainer(config)
-        trainer.run_epoch()  # warm-up (CUDA context, cuDNN autotuning, allocator), not timed
+        trainer = _warm_trainer(config)
         barrier.wait(timeout=600)
-        start, times = time.monotonic(), []
-        for _ in range(epochs):
-            times.append(trainer.run_epoch().metrics["epoch_time_s"])
+        start = time.monotonic()
+        times = [trainer.run_epoch().metrics["epoch_time_s"] for _ in range(epochs)]
         results.put({"start": start, "end": time.monotonic(), "epoch_s": times, "num_train": trainer.task.num_train,
                      "dtype": str(trainer.amp_dtype)})
     except BaseException as err:  # noqa: BLE001 - the parent reports it; the others must not wait for this one
