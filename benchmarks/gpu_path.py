@@ -2,7 +2,8 @@
 
 Runs only where CUDA is present; elsewhere it prints "skipped: no CUDA" and writes a JSON saying so.
 
-* AMP: ``trainables.loop.Trainer`` on the microstructure task (64 px, ConvLSTM [16, 32, 64]) on
+* AMP: ``trainables.loop.Trainer`` on the microstructure task (64 px, ConvLSTM [16, 32, 64]; ``--model
+  unet`` / ``ddpm``: the microscopy task's UNet regressor / conditional DDPM, see :func:`train_config`) on
   ``cuda`` with ``amp: off`` (fp32), ``bf16`` (when supported) and ``fp16`` (loss scaling); median
   epoch time after a warm-up epoch, train samples/s, and the ratio to fp32.
 * packing: a real losstune sweep (``search.runner.run_sweep``, FIFO, MLflow off) with ``resources.gpu``
@@ -28,24 +29,69 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from benchmarks import common
 
 NAME = "gpu_path"
 
 
-def train_config(device: str, amp: str, quick: bool, dry: bool, large: bool = False) -> dict[str, Any]:
-    """The microstructure ConvLSTM the benchmark trains: 64 px, [16, 32, 64] channels; ``large``: 128 px,
-    [32, 64, 128] (~16× the arithmetic per sample); tiny for ``quick`` / ``dry``."""
+MODELS = ("convlstm", "unet", "ddpm")
+
+
+def train_config(device: str, amp: str, quick: bool, dry: bool, large: bool = False,
+                 model: str = "convlstm", sets: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The model the benchmark trains, tiny for ``quick`` / ``dry``:
+
+    * ``convlstm``: the microstructure ConvLSTM, 64 px, [16, 32, 64] channels; ``large``: 128 px, [32, 64, 128]
+      (~16x the arithmetic per sample);
+    * ``unet`` / ``ddpm``: the microscopy task as configs/microscopy.yaml trains it (64 px, 128 training pairs,
+      base 16 channels, depth 2; the DDPM samples 10 DDIM steps at evaluation); ``large``: 128 px, base 32,
+      depth 3.
+
+    ``sets``: dotted train-config keys -> values applied last (``--set data.size=256``).
+    """
     small = quick or dry
-    size, channels = (128, [32, 64, 128]) if large else (64, [16, 32, 64])
-    return {"task": "microstructure", "seed": 0, "epochs": 50, "batch_size": 8, "lr": 1.0e-3, "device": device,
-            "amp": amp, "preload": True, "gradient_weight": 0.1, "perceptual_weight": 0.05,
-            "solidification_weighting": True,
-            "data": ({"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2} if small
-                     else {"size": size, "num_sequences": 16, "frames": 12, "seq_length": 4}),
-            "model": {"hidden_channels": [4, 8] if small else channels}}
+    common_keys = {"seed": 0, "epochs": 50, "batch_size": 8, "lr": 1.0e-3, "device": device, "amp": amp,
+                   "preload": True, "gradient_weight": 0.1, "perceptual_weight": 0.05}
+    if model == "convlstm":
+        size, channels = (128, [32, 64, 128]) if large else (64, [16, 32, 64])
+        config = {"task": "microstructure", **common_keys, "solidification_weighting": True,
+                  "data": ({"size": 16, "num_sequences": 4, "frames": 6, "seq_length": 2} if small
+                           else {"size": size, "num_sequences": 16, "frames": 12, "seq_length": 4}),
+                  "model": {"hidden_channels": [4, 8] if small else channels}}
+    elif model not in MODELS:
+        raise ValueError(f"model: {model!r} is not one of {', '.join(MODELS)}")
+    else:
+        size, base, depth = (128, 32, 3) if large else (64, 16, 2)
+        config = {"task": "microscopy", **common_keys, "pixel_loss": "l1",
+                  "data": {"size": 16, "num_train": 8, "num_val": 4} if small
+                  else {"size": size, "num_train": 128, "num_val": 32},
+                  "model": {"name": model, "base_channels": 4 if small else base, "depth": 1 if small else depth,
+                            **({"timesteps": 20, "sampling_steps": 2} if model == "ddpm" and small else {})}}
+    for key, value in (sets or {}).items():
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["data.size=256"]`` -> ``{"data.size": 256}``; values are Python literals, else strings. (Not
+    search.config's YAML parser: the GPU machines this runs on may lack the sweep's dependencies.)"""
+    import ast
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. data.size=256")
+        try:
+            out[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = text.strip()
+    return out
 
 
 def _warm_trainer(config: dict[str, Any]):
@@ -56,7 +102,8 @@ def _warm_trainer(config: dict[str, Any]):
     return trainer
 
 
-def measure_amp(device: str, quick: bool, dry: bool, large: bool = False) -> list[dict[str, Any]]:
+def measure_amp(device: str, quick: bool, dry: bool, large: bool = False, model: str = "convlstm",
+                sets: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     import torch
 
     modes = ["off", "bf16", "fp16"]
@@ -65,8 +112,11 @@ def measure_amp(device: str, quick: bool, dry: bool, large: bool = False) -> lis
     epochs = 2 if (quick or dry) else 6
     out = []
     for amp in modes:
-        trainer = _warm_trainer(train_config(device, amp, quick, dry, large))
-        metrics = [trainer.run_epoch().metrics for _ in range(epochs)]
+        trainer = _warm_trainer(train_config(device, amp, quick, dry, large, model, sets))
+        reports = [trainer.run_epoch() for _ in range(epochs)]
+        if any(r.status == "diverged" for r in reports):  # a diverged epoch has no timings
+            raise SystemExit(f"amp={amp}: the training diverged; try a lower learning rate (--set lr=1e-4)")
+        metrics = [r.metrics for r in reports]
         evals = [m["eval_time_s"] for m in metrics]
         train_s = common.median([m["epoch_time_s"] - m["eval_time_s"] for m in metrics])
         out.append({"amp": amp, "dtype": str(trainer.amp_dtype), "train_s_per_epoch": train_s,
@@ -81,7 +131,8 @@ def measure_amp(device: str, quick: bool, dry: bool, large: bool = False) -> lis
     return out
 
 
-def measure_packing(device: str, quick: bool, dry: bool, tmp: Path, large: bool = False) -> list[dict[str, Any]]:
+def measure_packing(device: str, quick: bool, dry: bool, tmp: Path, large: bool = False,
+                    model: str = "convlstm", sets: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     import ray
 
     from losstune.search.config import validate_sweep
@@ -92,7 +143,7 @@ def measure_packing(device: str, quick: bool, dry: bool, tmp: Path, large: bool 
 
     out = []
     for k in (1, 2) if (quick or dry) else (1, 2, 4):
-        train = train_config(device, "auto", quick, dry, large)
+        train = train_config(device, "auto", quick, dry, large, model, sets)
         train["epochs"] = 2 if (quick or dry) else 4
         raw = {"name": f"pack{k}", "train": train,
                "space": {"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.3}},
@@ -113,7 +164,7 @@ def measure_packing(device: str, quick: bool, dry: bool, tmp: Path, large: bool 
         results = load_results(outcome.sweep_dir)
         rows = [r for h in results.histories.values() for r in h]
         epoch_times = [float(r.get("epoch_time_s", 0)) - float(r.get("eval_time_s", 0)) for r in rows]
-        n_train = get_task_factory("microstructure")(parse_train_config(train)).num_train  # same for every trial
+        n_train = get_task_factory(train["task"])(parse_train_config(train)).num_train  # same for every trial
         samples = n_train * len(rows)
         med = common.median(epoch_times)
         out.append({"trials_per_gpu": k, "trials": len(results.histories), "epochs_total": len(rows),
@@ -141,7 +192,9 @@ def _packed_trainer(config: dict[str, Any], epochs: int, barrier, results) -> No
 
 
 def measure_packing_processes(device: str, quick: bool, dry: bool, ks: tuple[int, ...] | None = None,
-                              amps: tuple[str, ...] = ("off", "auto"), large: bool = False) -> list[dict[str, Any]]:
+                              amps: tuple[str, ...] = ("off", "auto"), large: bool = False,
+                              model: str = "convlstm", sets: Mapping[str, Any] | None = None
+                              ) -> list[dict[str, Any]]:
     """k = 1, 2, 4 training processes on one device at once, per precision (see the module docstring); the
     gains are over k = 1 of the same precision (nan where ``ks`` lacks 1)."""
     import math
@@ -153,7 +206,7 @@ def measure_packing_processes(device: str, quick: bool, dry: bool, ks: tuple[int
     out = []
     for amp in amps:
         for k in ks:
-            config = {**train_config(device, amp, quick, dry, large), "num_threads": 1 if dry else 2}
+            config = {**train_config(device, amp, quick, dry, large, model, sets), "num_threads": 1 if dry else 2}
             barrier, results = ctx.Barrier(k), ctx.Queue()
             procs = [ctx.Process(target=_packed_trainer, args=(config, epochs, barrier, results)) for _ in range(k)]
             for p in procs:
@@ -186,10 +239,17 @@ def main(argv=None) -> dict[str, Any]:
         (("--packing",), {"choices": ["sweep", "processes"], "default": "sweep",
                           "help": "sweep: real losstune sweeps on Ray (default); processes: k trainers side by "
                                   "side without Ray"}),
-        (("--large",), {"action": "store_true", "help": "a larger model: 128 px, [32, 64, 128] channels"})])
+        (("--model",), {"choices": MODELS, "default": "convlstm",
+                        "help": "convlstm: the microstructure task's (default); unet / ddpm: the microscopy task's"}),
+        (("--large",), {"action": "store_true", "help": "a larger model (convlstm: 128 px, [32, 64, 128] channels; "
+                                                       "unet / ddpm: 128 px, base 32, depth 3)"}),
+        (("--set",), {"action": "append", "default": [], "metavar": "KEY=VALUE",
+                      "help": "a train-config key of the model, e.g. --set data.size=256 --set batch_size=16"})])
     started = time.perf_counter()
     common.ensure_repo_on_path()
     import torch
+
+    sets = _parse_sets(args.set)
 
     os.environ.setdefault("LOSSTUNE_PROGRESS_INTERVAL", "0")
     if not torch.cuda.is_available() and not args.cpu_dry_run:
@@ -202,14 +262,15 @@ def main(argv=None) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"
     if device == "cpu":
         common.set_single_thread()
-    amp = measure_amp(device, args.quick, args.cpu_dry_run, args.large)
+    amp = measure_amp(device, args.quick, args.cpu_dry_run, args.large, args.model, sets)
     t1 = common.table(["amp", "autocast dtype", "train s/epoch", "samples/s", "speed-up vs fp32", "eval s/epoch"],
                       [[r["amp"], r["dtype"], r["train_s_per_epoch"], r["samples_per_s"], r["speedup_vs_fp32"],
                         r["eval_s_per_epoch"]] for r in amp])
     if args.no_packing:
         packing, t2 = [], "packing: not measured (--no-packing)"
     elif args.packing == "processes":
-        packing = measure_packing_processes(device, args.quick, args.cpu_dry_run, large=args.large)
+        packing = measure_packing_processes(device, args.quick, args.cpu_dry_run, large=args.large,
+                                            model=args.model, sets=sets)
         t2 = common.table(["amp", "autocast dtype", "processes on one GPU", "wall s", "samples/s (wall)", "gain",
                            "median epoch s", "samples/s (epochs)", "gain"],
                           [[r["amp"], r["dtype"], r["processes"], r["wall_s"], r["samples_per_s_wall"],
@@ -217,7 +278,7 @@ def main(argv=None) -> dict[str, Any]:
                            for r in packing])
     else:
         with tempfile.TemporaryDirectory(prefix="losstune-bench-gpu-") as tmpdir:
-            packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir), args.large)
+            packing = measure_packing(device, args.quick, args.cpu_dry_run, Path(tmpdir), args.large, args.model, sets)
         t2 = common.table(["trials per GPU", "trials", "sweep wall s", "samples/s (wall)", "gain",
                            "samples/s (epochs)", "gain"],
                           [[r["trials_per_gpu"], r["trials"], r["wall_s"], r["samples_per_s_wall"], r["gain_wall"],
@@ -226,7 +287,8 @@ def main(argv=None) -> dict[str, Any]:
           f"{' (QUICK)' if args.quick else ''}")
     print(t1)
     print(t2)
-    settings = {"device": device, "dry_run": args.cpu_dry_run, "large": args.large}
+    settings = {"device": device, "dry_run": args.cpu_dry_run, "model": args.model, "large": args.large,
+                "sets": sets}
     path = common.write_result(NAME, args.out, quick=args.quick, settings=settings,
                                results={"skipped": False, "device": device, "amp": amp, "packing": packing,
                                         "packing_mode": None if args.no_packing else args.packing},

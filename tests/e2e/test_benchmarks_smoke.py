@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -78,3 +80,17 @@ def test_gpu_path_packs_trainer_processes_side_by_side():
     assert math.isclose(row["samples_per_s_wall"] * row["wall_s"] / (2 * 2), row["samples_per_s_epochs"]
                         * row["median_epoch_s"] / 2, rel_tol=1e-6)
     assert math.isnan(row["gain_wall"])  # no k = 1 row to compare with
+
+
+@pytest.mark.parametrize("model", ["unet", "ddpm"])
+def test_gpu_path_measures_amp_of_the_microscopy_models(model):
+    """``--model unet / ddpm`` on the CPU (tiny): each precision trains and is timed; ``--set`` reaches the config."""
+    from benchmarks.gpu_path import measure_amp, train_config
+
+    config = train_config("cpu", "off", quick=True, dry=True, model=model, sets={"data.size": 24, "lr": 2e-4})
+    assert (config["task"], config["model"]["name"], config["data"]["size"], config["lr"]) == (
+        "microscopy", model, 24, 2e-4)
+    rows = measure_amp("cpu", quick=True, dry=True, model=model, sets={"data.size": 24})
+    assert [r["amp"] for r in rows] == ["off", "bf16", "fp16"]
+    assert all(_finite(r["samples_per_s"]) and r["samples_per_s"] > 0 for r in rows)
+    assert rows[0]["speedup_vs_fp32"] == 1.0
