@@ -4,8 +4,9 @@ losstune relies on a few things these libraries do not promise: the attributes o
 ``OptunaSearch`` that map Tune trials to Optuna trials, the storage behind an Optuna study, the
 folder of the local Ray node's session, the name of the logger Ray's token-authentication
 notice comes from, and Ray's GCS client, the one way to ask a cluster whether it accepts this
-driver's token without ``ray.init``, the authentication mode Ray uses, and the window averages a Tune
-trial keeps of every reported number. Each assumption has its own test in tests/search/test_internals.py, so a Ray or Optuna
+driver's token without ``ray.init``, the authentication mode Ray uses, the window averages a Tune
+trial keeps of every reported number, and the rule by which Tune forces an experiment snapshot after a trial
+checkpoint. Each assumption has its own test in tests/search/test_internals.py, so a Ray or Optuna
 upgrade that changes one fails there, and only there (pyproject.toml caps both versions for this).
 """
 
@@ -42,9 +43,10 @@ def drop_metric_windows(trial: Any) -> None:
     Tune keeps both windows for every number a trial reports (``trial.run_metadata``) and writes them into
     every experiment snapshot, each window cloudpickled (its ``deque`` is not JSON); with losstune's ~40
     numbers per result they are about half of a trial's entry (~29 KB with them, ~14 KB without, measured by
-    benchmarks/driver_scaling), and a snapshot follows every trial checkpoint (``num_to_keep=1``) and re-writes
-    every trial's entry. Only ``ExperimentAnalysis`` scopes ``last-5-avg`` / ``last-10-avg`` read the windows;
-    losstune never uses them. Windows already kept (a trial restored from an older snapshot) are dropped too.
+    benchmarks/driver_scaling), and a snapshot follows every other trial checkpoint (``num_to_keep=2``) and
+    re-writes every trial's entry. Only ``ExperimentAnalysis`` scopes ``last-5-avg`` / ``last-10-avg`` read the
+    windows; losstune never uses them. Windows already kept (a trial restored from an older snapshot) are dropped
+    too.
     """
     meta = trial.run_metadata
     meta._n_steps = ()
@@ -53,6 +55,31 @@ def drop_metric_windows(trial: Any) -> None:
         for key in [k for k in summary if k.startswith("last-")]:
             del summary[key]
     meta.invalidate_cache()
+
+
+def snapshot_after_last_checkpoints() -> None:
+    """Tune: an experiment snapshot also follows every trial checkpoint whose result is ``done`` (the trial's
+    last: the scheduler or the stop criterion ended it there), not only every ``num_to_keep``-th one.
+
+    Tune forces a snapshot once a trial has checkpointed ``num_to_keep`` times since the last one
+    (``_ExperimentCheckpointManager.on_trial_checkpoint`` sets ``_should_force_sync_up``, read at the next
+    snapshot call of the same step). With ``num_to_keep`` > 1 a trial's last checkpoint would then wait for the
+    next timed snapshot, and a driver killed in between would make ``--resume`` train the trial's last epochs
+    again. Patches the class once per process; every Tune run of losstune wants this.
+    """
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    original = _ExperimentCheckpointManager.on_trial_checkpoint
+    if getattr(original, "losstune_last_checkpoint", False):
+        return
+
+    def on_trial_checkpoint(self, trial) -> None:
+        original(self, trial)
+        if self._sync_every_n_trial_checkpoints and trial.last_result.get("done"):
+            self._should_force_sync_up = True
+
+    on_trial_checkpoint.losstune_last_checkpoint = True
+    _ExperimentCheckpointManager.on_trial_checkpoint = on_trial_checkpoint
 
 
 def ray_session_root() -> Path | None:

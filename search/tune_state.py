@@ -5,7 +5,7 @@ callbacks' pickle) into a staging folder on the driver, ``<ray temp>/session_*/a
 then copies that folder to the sweep's storage in a background thread, file by file. A driver killed
 around that copy leaves the storage with either a cut-off file (``Tuner.restore`` then waits for trials
 forever) or an older snapshot than the last one Tune took: that one may point at checkpoints already
-deleted (``num_to_keep=1``; the trial then fails three restores) and miss the newest trials (their
+deleted (Tune keeps a trial's newest 2; the trial then fails three restores) and miss the newest trials (their
 Optuna trials stay RUNNING forever). Both happened in tests/e2e/test_reliability.py.
 
 So before a resume, the newest intact snapshot of this experiment found in this machine's Ray session

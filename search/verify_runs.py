@@ -131,7 +131,8 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
 
     from losstune.search.progress import ProgressCallback
     from losstune.search.tracking import TrackingCallback
-    from losstune.search.tuner import LeanTrialState
+    from losstune.search.internals import snapshot_after_last_checkpoints
+    from losstune.search.tuner import LeanTrialState, tune_run_config
 
     name = restore or next_round(root)
     local_dir = local_root / name
@@ -145,6 +146,7 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
                                     {"cpu": resources.get("cpu", 1.0), "gpu": resources.get("gpu", 0.0)})
     if restore:
         out(f"[losstune] verify: continuing the interrupted {root}/{name} ({len(configs)} runs)")
+        snapshot_after_last_checkpoints()  # the restored RunConfig keeps the rest of tune_run_config
         tuner = tune.Tuner.restore(f"{root}/{name}", trainable=trainable, resume_unfinished=True,
                                    restart_errored=True)
         callback = TrackingCallback.for_sweep(local_dir)
@@ -161,11 +163,9 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
             trainable, param_space={"run": tune.grid_search(list(configs))},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent,
                                         trial_dirname_creator=run_dirname, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=name, storage_path=root, failure_config=tune.FailureConfig(max_failures=2),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[LeanTrialState(), callback, ProgressCallback(epochs, decode, len(configs)),
-                           CSVLoggerCallback(), JsonLoggerCallback()], verbose=0))
+            run_config=tune_run_config(name, root, epochs, [
+                LeanTrialState(), callback, ProgressCallback(epochs, decode, len(configs)), CSVLoggerCallback(),
+                JsonLoggerCallback()]))
         out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
     interrupted, errors = False, 0
     from losstune.search.ray_session import no_tensorboard_logger

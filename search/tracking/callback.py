@@ -157,7 +157,7 @@ class TrackingCallback(tune.Callback):
         self._put(Flush())
 
     def get_state(self) -> dict | None:
-        # called at every experiment snapshot (after every trial checkpoint with num_to_keep=1): it must stay
+        # called at every experiment snapshot (after every other trial checkpoint and each trial's last): it must stay
         # cheap, and must not flush the writer, which would undo its batching; what MLflow lacks when a killed
         # driver resumes is written from Ray's results (backfill)
         return {"runs": self.book.runs()}

@@ -304,6 +304,67 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path, ray_local, cl
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
 
 
+# ----- Tune's saved state holds every trial's last checkpoint from the step in which the trial ended ----
+def _three_checkpoints(config):
+    """A function trainable: 3 epochs, a checkpoint with each (its folder holds the epoch)."""
+    import tempfile
+
+    from ray import tune
+    for epoch in (1, 2, 3):
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "epoch").write_text(str(epoch))
+            tune.report({"score": float(epoch)}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def test_tune_saves_a_trials_last_checkpoint_in_the_step_the_trial_ends(ray_local, tmp_path, monkeypatch):
+    """With 2 checkpoints kept, Tune's own rule snapshots the experiment after a trial's 2nd checkpoint, not its
+    3rd (last); losstune's run config adds the snapshot after the last one, so a driver killed after the trial
+    ended leaves a state that ``--resume`` finishes without training that trial again."""
+    from ray import tune
+
+    from losstune.search.internals import ray_session_root
+    from losstune.search.tune_state import PATTERNS
+    from losstune.search.tuner import CHECKPOINTS_KEPT, tune_run_config
+
+    name = "lastckpt"
+    saved_at_end: dict[str, int] = {}
+
+    class SavedStateAtTrialEnd(tune.Callback):
+        """The driver's saved state at the end of the step in which a trial ended (Tune saves it, if at all,
+        after handling the step's event and before ``on_step_end``): the trial's last saved iteration."""
+
+        def __init__(self):
+            self.ended: list[str] = []
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended.append(trial.trial_id)
+
+        def on_step_end(self, iteration, trials, **info):
+            if not self.ended:
+                return
+            # the staging copy Tune writes synchronously (what --resume repairs from, search/tune_state.py)
+            folders = ray_session_root().glob(f"session_*/artifacts/*/{name}/driver_artifacts")
+            newest = max((f for folder in folders for f in folder.glob(PATTERNS[0])),
+                         key=lambda f: f.stat().st_mtime_ns)
+            for entry in json.loads(newest.read_text())["trial_data"]:
+                trial_state, meta = (json.loads(x) for x in entry)
+                if trial_state["trial_id"] in self.ended:
+                    saved_at_end[trial_state["trial_id"]] = meta["last_result"].get("training_iteration", 0)
+            self.ended.clear()
+
+    assert CHECKPOINTS_KEPT == 2  # the case this test is about: 3 epochs is not a multiple of it
+    monkeypatch.setenv("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Tune would leave its Ctrl-C handler in pytest
+    tuner = tune.Tuner(_three_checkpoints, param_space={"x": tune.grid_search([0, 1])},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=2),
+                       run_config=tune_run_config(name, str(tmp_path), 3, [SavedStateAtTrialEnd()]))
+    results = tuner.fit()
+    assert not results.errors
+    assert len(saved_at_end) == 2 and set(saved_at_end.values()) == {3}, saved_at_end
+    for result in results:
+        kept = sorted(Path(result.path).glob("checkpoint_*"))
+        assert len(kept) == CHECKPOINTS_KEPT and (kept[-1] / "epoch").read_text() == "3", kept
+
+
 # ----- the driver killed mid-sweep, then --resume ----------------------------------------------------------
 @pytest.mark.parametrize("saved_state", ["as_left", "upload_cut_off"])
 def test_killed_driver_then_resume_finishes_without_rerunning(tmp_path, saved_state):

@@ -121,3 +121,31 @@ def test_tune_trial_keeps_no_metric_windows_once_dropped():
     assert not any(meta.metric_n_steps.values())
     assert "CLOUDPICKLE_FALLBACK" not in trial.get_json_state()[1].split('"checkpoint_manager"')[0]
     assert len(trial.get_json_state()[1]) < len(kept.get_json_state()[1])
+
+
+def test_tune_forces_a_snapshot_every_num_to_keep_checkpoints_and_after_a_trials_last_one():
+    """Tune's rule (a trial's ``num_to_keep``-th checkpoint since the last snapshot forces the next one, reset by
+    that snapshot's sync) and losstune's addition (a checkpoint whose result is ``done`` forces it too)."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.experiment import Trial
+
+    internals.snapshot_after_last_checkpoints()
+    wrapped = _ExperimentCheckpointManager.on_trial_checkpoint
+    internals.snapshot_after_last_checkpoints()  # idempotent: one wrapper, not two
+    assert _ExperimentCheckpointManager.on_trial_checkpoint is wrapped
+
+    def checkpoint(manager, trial, iteration, done=False):
+        trial.update_last_result({"training_iteration": iteration, "done": done})
+        manager.on_trial_checkpoint(trial)
+        forced = manager._should_force_sync_up
+        if forced:  # what the snapshot's sync does (sync_up_experiment_state)
+            manager._trial_num_checkpoints_since_last_sync.clear()
+            manager._should_force_sync_up = False
+        return forced
+
+    trial = Trial("__fake", stub=True)
+    keep2 = _ExperimentCheckpointManager(storage=None, checkpoint_period=10.0, sync_every_n_trial_checkpoints=2)
+    assert [checkpoint(keep2, trial, i) for i in (1, 2, 3)] == [False, True, False]  # Tune's own rule
+    assert checkpoint(keep2, trial, 4, done=True)  # the trial's last checkpoint, the 1st since the snapshot
+    keep_all = _ExperimentCheckpointManager(storage=None, checkpoint_period=10.0, sync_every_n_trial_checkpoints=None)
+    assert not checkpoint(keep_all, Trial("__fake", stub=True), 1, done=True)  # num_to_keep=None: time only
