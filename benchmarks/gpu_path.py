@@ -69,7 +69,7 @@ def train_config(device: str, amp: str, quick: bool, dry: bool, large: bool = Fa
                   else {"size": size, "num_train": 128, "num_val": 32},
                   "model": {"name": model, "base_channels": 4 if small else base, "depth": 1 if small else depth,
                             **({"timesteps": 20, "sampling_steps": 2} if model == "ddpm" and small else {})}}
-    for key, value in (sets or {}).items():
+    for key, value in (sets or {}).items():  # search.space.set_path's job; not imported: see _parse_sets
         *parents, last = key.split(".")
         node = config
         for part in parents:
