@@ -21,7 +21,7 @@ from losstune.search.status import TrialStatus
 from losstune.search.tracking.pending import PendingWrites, TrialState
 from losstune.search.tracking.run import STATUS_TAG, RunHandle
 from losstune.search.tracking.runs_file import RunsBook
-from losstune.search.tracking.store import missing_params
+from losstune.search.tracking.store import artifact_repository, missing_params
 
 logger = logging.getLogger("losstune.tracking")
 
@@ -47,23 +47,29 @@ def thumbnail_of(png: bytes) -> bytes:
 
 
 class ChildRuns:
-    """The child runs of one sweep (or verification round) in one experiment, under one parent run."""
+    """The child runs of one sweep (or verification round) in one experiment, under one parent run.
+
+    ``tracking_uri``: the store of ``client`` when the client is an in-process ``MlflowClient``; a run's
+    artifacts then go straight to its artifact repository once its artifact URI is known
+    (:func:`~losstune.search.tracking.store.artifact_repository`), else through ``client.log_artifacts``.
+    """
 
     def __init__(self, client, experiment_id: str | None, parent_run_id: str | None, tags: Mapping[str, str],
-                 book: RunsBook):
+                 book: RunsBook, tracking_uri: str | None = None):
         self.client = client
+        self.tracking_uri = tracking_uri
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.tags = dict(tags)
         self.book = book
         self.num_batches = 0  # log_batch calls of metrics
 
-    def find(self, trial_id: str) -> str | None:
-        """The id of the trial's child run already in the store, if any."""
+    def find(self, trial_id: str) -> RunHandle | None:
+        """The trial's child run already in the store, if any."""
         filt = f"tags.`{TRIAL_TAG}` = '{trial_id}'"
         if self.parent_run_id:
             filt += f" and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
         runs = self.client.search_runs([self.experiment_id], filter_string=filt, max_results=1)
-        return runs[0].info.run_id if runs else None
+        return RunHandle(self.client, runs[0].info.run_id, runs[0].info.artifact_uri) if runs else None
 
     def sync(self, pending: PendingWrites, everything: bool = False) -> None:
         """Write what is pending (raises on the first MLflow failure: what was not written stays pending).
@@ -85,19 +91,19 @@ class ChildRuns:
         # made only after that save): no search for it, unless a create_run was sent and failed (the store
         # may have made the run before the answer was lost)
         new = self.book.new_and_saved(state.trial_id) and not state.create_tried
-        run_id = None if new else self.find(state.trial_id)
-        if run_id is None:
+        run = None if new else self.find(state.trial_id)
+        if run is None:
             tags = {TRIAL_TAG: state.trial_id, STAGE_TAG: "search", **self.tags}
             if self.parent_run_id:
                 tags[PARENT_TAG] = self.parent_run_id
             state.create_tried = True
-            run_id = RunHandle.create(self.client, self.experiment_id, state.name, tags).run_id
+            run = RunHandle.create(self.client, self.experiment_id, state.name, tags)
             state.params_pending = missing_params(state.params, {})  # sent with the run's first batch
         else:
             state.reopen = True
         state.written_at = time.monotonic()
-        state.run_id = run_id
-        self.book.set_run_id(state.trial_id, run_id)
+        state.run_id, state.artifact_uri = run.run_id, run.artifact_uri
+        self.book.set_run_id(state.trial_id, state.run_id)
         self.book.save()  # before anything else: a driver killed from here on finds the run again
 
     def _write(self, state: TrialState, batch_due: bool) -> None:
@@ -105,7 +111,7 @@ class ChildRuns:
         when the run ends) and one artifact upload (the image series; the files when the trial ends); then the
         run's end."""
         from mlflow.entities import Param, RunTag
-        run = RunHandle(self.client, state.run_id)
+        run = RunHandle(self.client, state.run_id, state.artifact_uri)
         if state.reopen:
             if state.end is None:
                 RunHandle.reopen(self.client, state.run_id)
@@ -133,8 +139,7 @@ class ChildRuns:
             state.end = None
             state.started = False
 
-    @staticmethod
-    def _log_artifacts(run: RunHandle, state: TrialState) -> None:
+    def _log_artifacts(self, run: RunHandle, state: TrialState) -> None:
         """The pending images as MLflow's image series and, when the trial ends, its files: one upload.
 
         The images are named as ``MlflowClient.log_image(key=..., step=...)`` names them (the UI's image chart
@@ -162,7 +167,13 @@ class ChildRuns:
             for name, data in files.items():
                 with open(os.path.join(tmp, name), "wb") as f:
                     f.write(data)
-            run.log_artifacts(tmp)
+            repository = None
+            if self.tracking_uri is not None and run.artifact_uri is not None:
+                repository = artifact_repository(run.artifact_uri, self.tracking_uri)
+            if repository is not None:
+                repository.log_artifacts(tmp)
+            else:
+                run.log_artifacts(tmp)
         del state.images[:len(images)]
         if state.end:
             state.config_logged = state.config_logged or "config.yaml" in files

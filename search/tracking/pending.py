@@ -27,13 +27,14 @@ DATA_PARAMS = ("num_val",)  # the validation samples the trial's metrics average
 class TrialState:
     """One trial's child run and what it is still owed."""
 
-    __slots__ = ("trial_id", "run_id", "params", "params_pending", "name", "metrics", "written_at", "tags", "end",
-                 "started", "reopen", "node_ip", "node_id", "restarts", "images", "images_tagged", "files",
-                 "config_logged", "data_params", "data_params_logged", "create_tried")
+    __slots__ = ("trial_id", "run_id", "artifact_uri", "params", "params_pending", "name", "metrics", "written_at",
+                 "tags", "end", "started", "reopen", "node_ip", "node_id", "restarts", "images", "images_tagged",
+                 "files", "config_logged", "data_params", "data_params_logged", "create_tried")
 
     def __init__(self, trial_id: str, run_id: str | None):
         self.trial_id = trial_id
         self.run_id = run_id
+        self.artifact_uri: str | None = None      # the run's, once known from creating or finding it
         self.params: dict[str, Any] | None = None
         self.params_pending: dict[str, str] = {}   # not yet in the run: logged with its next batch
         self.name = trial_id

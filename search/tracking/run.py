@@ -29,16 +29,17 @@ def is_number(value: Any) -> bool:
 
 
 class RunHandle:
-    """A run of an MLflow store, by id."""
+    """A run of an MLflow store, by id (``artifact_uri``: where its artifacts go, when known)."""
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client, run_id: str, artifact_uri: str | None = None):
+        self.client, self.run_id, self.artifact_uri = client, run_id, artifact_uri
 
     @classmethod
     def create(cls, client, experiment_id: str, name: str | None, tags: Mapping[str, str],
                params: Mapping[str, Any] | None = None) -> "RunHandle":
         """A new run (tags set at creation), with ``params`` (any values, as :func:`param_value` writes them)."""
-        run = cls(client, client.create_run(experiment_id, run_name=name, tags=dict(tags)).info.run_id)
+        info = client.create_run(experiment_id, run_name=name, tags=dict(tags)).info
+        run = cls(client, info.run_id, info.artifact_uri)
         if params:
             run.log_params(params)
         return run

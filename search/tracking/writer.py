@@ -161,8 +161,12 @@ class TrackingWriter:
             if self._pending() and time.monotonic() >= next_try:
                 try:
                     if self._runs is None:
-                        client = self._helper if self._helper is not None else mlflow_client(self.tracking_uri)
-                        self._runs = ChildRuns(client, self.experiment_id, self.parent_run_id, self.tags, self.book)
+                        if self._helper is not None:
+                            self._runs = ChildRuns(self._helper, self.experiment_id, self.parent_run_id, self.tags,
+                                                   self.book)
+                        else:
+                            self._runs = ChildRuns(mlflow_client(self.tracking_uri), self.experiment_id,
+                                                   self.parent_run_id, self.tags, self.book, self.tracking_uri)
                     self._runs.sync(self.pending, everything=flushing or stopping)
                     flushing = False
                     if failures:

@@ -124,7 +124,12 @@ def test_a_create_run_whose_answer_was_lost_is_found_not_made_again(tmp_path):
     assert book.runs()["t1"]["run_id"] == made[0].info.run_id
 
 
-def _store(tmp_path):
+def _store(tmp_path, monkeypatch):
+    """A real sqlite store whose client counts its calls; ``upload`` counts uploads into the local artifact
+    store, whichever way they come (the client's ``log_artifacts`` or the run's artifact repository), and
+    ``get_run`` the store's reads of a whole run."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from mlflow.tracking import MlflowClient
 
     class Counting(MlflowClient):
@@ -137,28 +142,37 @@ def _store(tmp_path):
             Counting.params_sent += [p.key for p in kwargs.get("params") or ()]
             return super().log_batch(*args, **kwargs)
 
-        def log_artifacts(self, *args, **kwargs):
-            Counting.calls["log_artifacts"] = Counting.calls.get("log_artifacts", 0) + 1
-            return super().log_artifacts(*args, **kwargs)
+    upload, get_run = LocalArtifactRepository.log_artifacts, SqlAlchemyStore.get_run
 
+    def counted_upload(self, *args, **kwargs):
+        Counting.calls["upload"] = Counting.calls.get("upload", 0) + 1
+        return upload(self, *args, **kwargs)
+
+    def counted_get_run(self, *args, **kwargs):  # the store's: MlflowClient's own calls go there too
+        Counting.calls["get_run"] = Counting.calls.get("get_run", 0) + 1
+        return get_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", counted_upload)
+    monkeypatch.setattr(SqlAlchemyStore, "get_run", counted_get_run)
     client = Counting(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
     return client, exp
 
 
 def test_a_trial_shorter_than_the_batch_interval_costs_one_batch_and_one_upload(tmp_path, monkeypatch):
-    """Params, every result's metrics, the image series and the end go out together (real sqlite store);
-    a running trial's batch goes out once METRICS_EVERY_S has passed since the run was made."""
+    """Params, every result's metrics, the image series and the end go out together (real sqlite store), and the
+    images go straight to the run's artifact store (no read of the run first); a running trial's batch goes out
+    once METRICS_EVERY_S has passed since the run was made."""
     from losstune.search.status import TrialStatus
     from losstune.search.tracking import RunsBook
     from losstune.search.tracking import child_runs as cr
     from losstune.search.tracking.events import CheckpointFiles, TrialEnded, TrialResult, TrialStarted
     from losstune.search.tracking.pending import PendingWrites
 
-    client, exp = _store(tmp_path)
+    client, exp = _store(tmp_path, monkeypatch)
     book = RunsBook(tmp_path)
     pending = PendingWrites(book, None, mlflow=True)
-    runs = cr.ChildRuns(client, exp, None, {}, book)
+    runs = cr.ChildRuns(client, exp, None, {}, book, client.tracking_uri)
     pending.apply(TrialStarted("t1", {"gradient_weight": 0.2}, "trial_t1"))
     book.save()
     runs.sync(pending)
@@ -170,7 +184,7 @@ def test_a_trial_shorter_than_the_batch_interval_costs_one_batch_and_one_upload(
     assert client.calls == {}  # held: the run was made less than METRICS_EVERY_S ago
     pending.apply(TrialEnded("t1", TrialStatus.FINISHED))
     runs.sync(pending)
-    assert client.calls == {"log_batch": 1, "log_artifacts": 1}
+    assert client.calls == {"log_batch": 1, "upload": 1}
     run = client.get_run(run_id)
     assert run.data.params == {"gradient_weight": "0.2"} and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "composite")] == [1, 2]
@@ -187,7 +201,28 @@ def test_a_trial_shorter_than_the_batch_interval_costs_one_batch_and_one_upload(
     assert run.info.status == "RUNNING" and client.calls["log_batch"] == 2  # params went with the first metrics
 
 
-def test_a_run_found_again_gets_the_params_its_first_batch_never_sent(tmp_path):
+def test_without_the_store_uri_a_child_runs_images_go_through_the_client(tmp_path, monkeypatch):
+    """The writer's helper process is such a client: MLflow's own path (it reads the run once), same files."""
+    from losstune.search.status import TrialStatus
+    from losstune.search.tracking import RunsBook
+    from losstune.search.tracking.child_runs import ChildRuns
+    from losstune.search.tracking.events import CheckpointFiles, TrialEnded, TrialResult, TrialStarted
+    from losstune.search.tracking.pending import PendingWrites
+
+    client, exp = _store(tmp_path, monkeypatch)
+    book = RunsBook(tmp_path)
+    pending = PendingWrites(book, None, mlflow=True)
+    pending.apply(TrialStarted("t1", {"gradient_weight": 0.2}, "trial_t1"))
+    book.save()
+    pending.apply(TrialResult("t1", 1, {"training_iteration": 1, "composite": 0.1}, 1001))
+    pending.apply(CheckpointFiles("t1", 1, {"predictions.png": b"png", "predictions.webp": b"webp"}, 1000))
+    pending.apply(TrialEnded("t1", TrialStatus.FINISHED))
+    ChildRuns(client, exp, None, {}, book).sync(pending)
+    assert client.calls == {"log_batch": 1, "get_run": 1, "upload": 1}
+    assert len(client.list_artifacts(book.runs()["t1"]["run_id"], "images")) == 2
+
+
+def test_a_run_found_again_gets_the_params_its_first_batch_never_sent(tmp_path, monkeypatch):
     """A driver killed between a run's creation and its first batch: on resume the run continues and gets
     its params (those it has are not sent again)."""
     from losstune.search.tracking import RunsBook
@@ -195,7 +230,7 @@ def test_a_run_found_again_gets_the_params_its_first_batch_never_sent(tmp_path):
     from losstune.search.tracking.events import TrialStarted
     from losstune.search.tracking.pending import PendingWrites
 
-    client, exp = _store(tmp_path)
+    client, exp = _store(tmp_path, monkeypatch)
     made = client.create_run(exp, run_name="trial_t1", tags={TRIAL_TAG: "t1"}).info.run_id
     client.log_param(made, "lr", "0.001")
     book = RunsBook(tmp_path)
