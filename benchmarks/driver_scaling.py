@@ -1,12 +1,13 @@
 """Driver CPU per trial as a sweep grows: the same small trials, 8 / 40 / 100 of them, 2 at a time.
 
-A sweep's driver should cost about the same per trial however many trials the sweep has; here it does
-not. With one checkpoint kept per trial (``CheckpointConfig(num_to_keep=1)``, what losstune uses so a
-resumed sweep re-trains nothing it had checkpointed) Tune forces an experiment snapshot after every trial
-checkpoint, and a snapshot re-writes and copies the state of *every* trial (``experiment_state-*.json``,
-~14 KB per trial with losstune's metrics: Tune keeps min / max / mean / last of every reported number,
-the trial's config, last result and checkpoint list). So the snapshots' cost per trial grows with the
-number of trials.
+A sweep's driver should cost about the same per trial however many trials the sweep has. What grows
+with the sweep is Tune's experiment snapshot: each one re-writes and copies the state of *every* trial
+(``experiment_state-*.json``, ~14 KB per trial with losstune's metrics: Tune keeps min / max / mean / last
+of every reported number, the trial's config, last result and checkpoint list). Tune forces a snapshot
+whenever a trial has checkpointed ``num_to_keep`` times since the last one; losstune keeps 2 checkpoints
+per trial (``search.tuner.CHECKPOINTS_KEPT``) and forces one more after each trial's last checkpoint (so a
+resumed sweep re-trains nothing it had checkpointed), so a trial of 4 epochs forces ~2 snapshots, each
+costing in proportion to the number of trials.
 
 Measured as :mod:`benchmarks.overhead` measures the driver (``getrusage`` of the process running
 ``losstune sweep`` in-process, Ray started before), with MLflow off, so the rows differ only in the
