@@ -91,3 +91,25 @@ def _mlflow_runs(uri: str, experiment: str):
 def mlflow_runs():
     """``mlflow_runs(uri, experiment)`` -> all runs of the experiment (mlflow Run objects), [] if none."""
     return _mlflow_runs
+
+
+@pytest.fixture
+def one_finished_trial():
+    """``one_finished_trial(folder, png=b"png") -> (RunsBook, PendingWrites)``: what the tracking writer owes
+    MLflow for a trial ``t1`` that started (its runs-file entry saved, as the writer saves it), reported epoch 1,
+    filed one prediction image (``png`` and a thumbnail) and finished."""
+    def make(folder: Path, png: bytes = b"png"):
+        from losstune.search.status import TrialStatus
+        from losstune.search.tracking import RunsBook
+        from losstune.search.tracking.events import CheckpointFiles, TrialEnded, TrialResult, TrialStarted
+        from losstune.search.tracking.pending import PendingWrites
+
+        book = RunsBook(folder)
+        pending = PendingWrites(book, None, mlflow=True)
+        pending.apply(TrialStarted("t1", {"gradient_weight": 0.2}, "trial_t1"))
+        book.save()
+        pending.apply(TrialResult("t1", 1, {"training_iteration": 1, "composite": 0.1}, 1001))
+        pending.apply(CheckpointFiles("t1", 1, {"predictions.png": png, "predictions.webp": b"webp"}, 1000))
+        pending.apply(TrialEnded("t1", TrialStatus.FINISHED))
+        return book, pending
+    return make

@@ -826,29 +826,19 @@ def test_tracking_server_dies_mid_sweep_and_credentials_stay_secret(tmp_path):
             assert secret.encode() not in file.read_bytes(), file
 
 
-def test_a_child_runs_images_reach_a_tracking_servers_artifact_store(tmp_path):
+def test_a_child_runs_images_reach_a_tracking_servers_artifact_store(tmp_path, one_finished_trial):
     """With an ``mlflow server`` that serves artifacts (``mlflow-artifacts:`` URIs), the writer uploads a run's
     images straight to the run's artifact repository (without reading the run first): they land in the
     server's artifact folder, and the server lists them."""
     from mlflow.tracking import MlflowClient
 
-    from losstune.search.status import TrialStatus
-    from losstune.search.tracking import RunsBook
     from losstune.search.tracking.child_runs import ChildRuns
-    from losstune.search.tracking.events import CheckpointFiles, TrialEnded, TrialResult, TrialStarted
-    from losstune.search.tracking.pending import PendingWrites
 
     server, uri, _ = _start_mlflow_server(tmp_path)
     try:
         client = MlflowClient(tracking_uri=uri)
         exp = client.create_experiment("images")
-        book = RunsBook(tmp_path)
-        pending = PendingWrites(book, None, mlflow=True)
-        pending.apply(TrialStarted("t1", {"gradient_weight": 0.2}, "trial_t1"))
-        book.save()
-        pending.apply(TrialResult("t1", 1, {"training_iteration": 1, "composite": 0.1}, 1001))
-        pending.apply(CheckpointFiles("t1", 1, {"predictions.png": b"png-bytes", "predictions.webp": b"webp"}, 1000))
-        pending.apply(TrialEnded("t1", TrialStatus.FINISHED))
+        book, pending = one_finished_trial(tmp_path, png=b"png-bytes")
         ChildRuns(client, exp, None, {}, book, uri).sync(pending)
         run_id = book.runs()["t1"]["run_id"]
         assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")

@@ -201,22 +201,12 @@ def test_a_trial_shorter_than_the_batch_interval_costs_one_batch_and_one_upload(
     assert run.info.status == "RUNNING" and client.calls["log_batch"] == 2  # params went with the first metrics
 
 
-def test_without_the_store_uri_a_child_runs_images_go_through_the_client(tmp_path, monkeypatch):
+def test_without_the_store_uri_a_child_runs_images_go_through_the_client(tmp_path, monkeypatch, one_finished_trial):
     """The writer's helper process is such a client: MLflow's own path (it reads the run once), same files."""
-    from losstune.search.status import TrialStatus
-    from losstune.search.tracking import RunsBook
     from losstune.search.tracking.child_runs import ChildRuns
-    from losstune.search.tracking.events import CheckpointFiles, TrialEnded, TrialResult, TrialStarted
-    from losstune.search.tracking.pending import PendingWrites
 
     client, exp = _store(tmp_path, monkeypatch)
-    book = RunsBook(tmp_path)
-    pending = PendingWrites(book, None, mlflow=True)
-    pending.apply(TrialStarted("t1", {"gradient_weight": 0.2}, "trial_t1"))
-    book.save()
-    pending.apply(TrialResult("t1", 1, {"training_iteration": 1, "composite": 0.1}, 1001))
-    pending.apply(CheckpointFiles("t1", 1, {"predictions.png": b"png", "predictions.webp": b"webp"}, 1000))
-    pending.apply(TrialEnded("t1", TrialStatus.FINISHED))
+    book, pending = one_finished_trial(tmp_path)
     ChildRuns(client, exp, None, {}, book).sync(pending)
     assert client.calls == {"log_batch": 1, "get_run": 1, "upload": 1}
     assert len(client.list_artifacts(book.runs()["t1"]["run_id"], "images")) == 2
