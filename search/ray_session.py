@@ -1,5 +1,6 @@
 """The driver's Ray: which cluster to join (or a local Ray to start), checked before ``ray.init`` waits on it,
-and the few Ray and Tune settings and log notices losstune changes while a sweep or a verification runs.
+and the few Ray, Tune and interpreter settings and log notices losstune changes while a sweep or a verification
+runs.
 
 :class:`RaySession` is what a command holds while it uses Ray: Ray joined or started, and, for a local
 Ray it started, the watchdog (:mod:`search.watchdog`) that stops Ray's processes if the driver is killed.
@@ -8,6 +9,7 @@ Ray it started, the watchdog (:mod:`search.watchdog`) that stops Ray's processes
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -176,6 +178,36 @@ def no_tensorboard_logger() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+@contextlib.contextmanager
+def startup_objects_frozen() -> Iterator[None]:
+    """While Tune runs, the objects the driver made before (imported modules and what they hold: Ray, Tune,
+    MLflow, torch; ~560 k objects) sit in the interpreter's permanent generation (``gc.freeze``), out of the
+    cyclic garbage collector's full collections; they go back after (``gc.unfreeze``). Objects made while
+    Tune runs are collected as before; garbage cycles made before wait until Tune ends.
+
+    A full collection scans every tracked object: ~350 ms of the driver's CPU when nothing is frozen. A sweep sets
+    one off once its surviving allocations pass a quarter of the tracked objects: a 100-trial sweep (MLflow on,
+    benchmarks/driver_scaling's trials) had one, and the driver's CPU in the collector went 4.4–4.6 -> 1.1–1.2 ms
+    per trial (3 paired sweeps); 16-trial sweeps mostly have none. A process that froze objects itself
+    (``gc.get_freeze_count() > 0``) keeps its own arrangement.
+
+    >>> import gc
+    >>> with startup_objects_frozen():
+    ...     gc.get_freeze_count() > 0
+    True
+    >>> gc.get_freeze_count()
+    0
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def local_session_root() -> Path | None:

@@ -20,7 +20,7 @@ from losstune.search.config import Sweep
 from losstune.search.internals import drop_metric_windows, snapshot_after_last_checkpoints
 from losstune.search.progress import ProgressCallback
 from losstune.search.ray_session import (NO_RESULTS_YET, TUNE_RESTORE_HINT, local_session_root, no_tensorboard_logger,
-                                         without_ray_notices)
+                                         startup_objects_frozen, without_ray_notices)
 from losstune.search.sweep_record import SweepRun
 from losstune.search.study import open_storage, remove_study
 from losstune.search.tracking import TrackingCallback
@@ -161,7 +161,7 @@ def fit(run: SweepRun, tuner) -> Any:
         out(f"[losstune] {warning}")
     t0 = time.perf_counter()
     run.stop_if_requested()
-    with no_tensorboard_logger(), without_ray_notices(TUNE_RESTORE_HINT, NO_RESULTS_YET):
+    with no_tensorboard_logger(), startup_objects_frozen(), without_ray_notices(TUNE_RESTORE_HINT, NO_RESULTS_YET):
         grid = tuner.fit()
     out(f"[losstune] Tune finished in {time.perf_counter() - t0:.1f}s")
     return grid

@@ -168,8 +168,8 @@ def train_round(runs: Sequence[PlannedRun], *, root: str, local_root: Path, epoc
                 JsonLoggerCallback()]))
         out(f"[losstune] verify: {len(configs)} runs x {epochs} epochs in {root}/{name}")
     interrupted, errors = False, 0
-    from losstune.search.ray_session import no_tensorboard_logger
-    with no_tensorboard_logger():
+    from losstune.search.ray_session import no_tensorboard_logger, startup_objects_frozen
+    with no_tensorboard_logger(), startup_objects_frozen():
         try:
             errors = len(tuner.fit().errors)
         except KeyboardInterrupt:

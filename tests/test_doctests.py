@@ -1,5 +1,6 @@
 """The runnable examples in the docstrings: every module of losses/, the search space and its parameter
-specs, the loss-term registry, the trial-status vocabulary, the number formats and the MLflow helper process. An example that no
+specs, the loss-term registry, the trial-status vocabulary, the number formats, the MLflow helper process and the
+driver's settings while Tune runs. An example that no
 longer runs fails here."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import losstune.losses
 MODULES = sorted([f"losstune.losses.{m.name}" for m in pkgutil.iter_modules(losstune.losses.__path__)] + [
     "losstune.search.space", "losstune.search.param_specs", "losstune.search.status", "losstune.search.formatting",
     "losstune.search.study", "losstune.search.tracking.store", "losstune.search.tracking.store_process",
-    "losstune.trainables.terms"])
+    "losstune.search.ray_session", "losstune.trainables.terms"])
 # the modules whose public functions must show an example
 WITH_EXAMPLES = {"losstune.losses.pixel", "losstune.losses.gradient", "losstune.losses.intensity",
                  "losstune.losses.weighting", "losstune.losses.diffusion", "losstune.losses.perceptual",
