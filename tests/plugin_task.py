@@ -2,8 +2,12 @@
 
 Denoising of smooth random images: the smallest real image-to-image task that still
 exercises the plug-in path end to end. ``plugin_task:build_with_edges`` is the same task with a
-loss term of its own (``edge``, weight ``edge_weight``), declared through the loss-term registry.
+loss term of its own (``edge``, weight ``edge_weight``), declared through the loss-term registry;
+``plugin_task:build_slow`` sleeps ``data.step_sleep`` s per training step (trials that overlap, or that a
+test can interrupt half-way).
 """
+
+import time
 
 import torch
 from torch import nn
@@ -28,6 +32,20 @@ def build(config) -> Task:
          "gradient": lambda pred, target, **_: gradient_loss(pred, target)},
         {"pixel": config.pixel_weight, "gradient": config.gradient_weight})
     return _denoise(config, loss)
+
+
+def build_slow(config) -> Task:
+    """:func:`build`, sleeping ``data.step_sleep`` s (default 0.05) per training step."""
+    task = build(config)
+    sleep = float(config.data.get("step_sleep", 0.05))
+    inner = task.training_step
+
+    def training_step(model, batch, step):
+        time.sleep(sleep)
+        return inner(model, batch, step)
+
+    task.training_step = training_step
+    return task
 
 
 def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -41,22 +41,6 @@ cluster.shutdown()
 """
 
 
-def build_slow(config):
-    """``plugin_task:build`` sleeping ``data.step_sleep`` s per step (so that trials overlap)."""
-    import plugin_task
-
-    task = plugin_task.build(config)
-    sleep = float(config.data.get("step_sleep", 0.05))
-    inner = task.training_step
-
-    def training_step(model, batch, step):
-        time.sleep(sleep)
-        return inner(model, batch, step)
-
-    task.training_step = training_step
-    return task
-
-
 def _env(ray_tmp: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS") and not k.startswith("MLFLOW_TRACKING_")}
@@ -105,7 +89,7 @@ def test_sweep_runs_on_both_nodes_of_a_cluster(tmp_path, two_node_cluster):
     n, epochs = 4, 2
     cfg = {
         "name": "cluster",
-        "train": {"task": "test_distributed:build_slow", "epochs": epochs, "batch_size": 12, "device": "cpu",
+        "train": {"task": "plugin_task:build_slow", "epochs": epochs, "batch_size": 12, "device": "cpu",
                   "amp": "off", "data": {"size": 16, "step_sleep": 0.15}},
         "space": {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
                   "gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.2}},
@@ -290,7 +274,7 @@ def test_the_documented_cluster_path_with_token_authentication(tmp_path, started
 
         n, epochs = 4, 2
         cfg = {"name": "tokencluster",
-               "train": {"task": "test_distributed:build_slow", "epochs": epochs, "batch_size": 12, "device": "cpu",
+               "train": {"task": "plugin_task:build_slow", "epochs": epochs, "batch_size": 12, "device": "cpu",
                          "amp": "off", "data": {"size": 16, "step_sleep": 0.15}},
                "space": {"gradient_weight": {"type": "uniform", "low": 0.0, "high": 0.2}},
                "search": {"sampler": "tpe", "seed": 0, "num_samples": n, "max_concurrent": 2},
