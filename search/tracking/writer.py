@@ -161,12 +161,10 @@ class TrackingWriter:
             if self._pending() and time.monotonic() >= next_try:
                 try:
                     if self._runs is None:
-                        if self._helper is not None:
-                            self._runs = ChildRuns(self._helper, self.experiment_id, self.parent_run_id, self.tags,
-                                                   self.book)
-                        else:
-                            self._runs = ChildRuns(mlflow_client(self.tracking_uri), self.experiment_id,
-                                                   self.parent_run_id, self.tags, self.book, self.tracking_uri)
+                        in_process = self._helper is None  # with the helper, uploads run there, by MLflow's own path
+                        client = mlflow_client(self.tracking_uri) if in_process else self._helper
+                        self._runs = ChildRuns(client, self.experiment_id, self.parent_run_id, self.tags, self.book,
+                                               self.tracking_uri if in_process else None)
                     self._runs.sync(self.pending, everything=flushing or stopping)
                     flushing = False
                     if failures:
