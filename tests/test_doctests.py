@@ -16,13 +16,14 @@ import losstune.losses
 MODULES = sorted([f"losstune.losses.{m.name}" for m in pkgutil.iter_modules(losstune.losses.__path__)] + [
     "losstune.search.space", "losstune.search.param_specs", "losstune.search.status", "losstune.search.formatting",
     "losstune.search.study", "losstune.search.tracking.store", "losstune.search.tracking.store_process",
-    "losstune.search.ray_session", "losstune.trainables.terms"])
+    "losstune.search.ray_session", "losstune.trainables.terms", "losstune.trainables.data.augment"])
 # the modules whose public functions must show an example
 WITH_EXAMPLES = {"losstune.losses.pixel", "losstune.losses.gradient", "losstune.losses.intensity",
                  "losstune.losses.weighting", "losstune.losses.diffusion", "losstune.losses.perceptual",
                  "losstune.losses.combined", "losstune.search.space", "losstune.search.param_specs",
                  "losstune.search.status", "losstune.search.formatting", "losstune.search.study",
-                 "losstune.search.tracking.store_process", "losstune.trainables.terms"}
+                 "losstune.search.tracking.store_process", "losstune.trainables.terms",
+                 "losstune.trainables.data.augment"}
 
 
 @pytest.mark.parametrize("name", MODULES)

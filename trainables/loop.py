@@ -215,6 +215,8 @@ class Trainer:
             if self.stop is not None and self.stop.is_set():
                 raise TrainingStopped(f"stopped in epoch {self.epoch + 1}")
             batch = self._batch(self.train_data, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
+            if self.task.augment is not None:
+                batch = self.task.augment(batch, self.shuffle)
             with self._autocast():
                 total, components = self.task.training_step(model, batch, self.step)
             self.optimizer.zero_grad(set_to_none=True)

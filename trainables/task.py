@@ -48,6 +48,10 @@ class Task:
             objective should look at (e.g. where the image changes). With it every validation
             metric is also reported over the region (``ssim_active`` ...), and the composite can be
             scored there (``objective_region``). It must depend on the batch only (not the model).
+        augment: optional ``(batch, generator) -> batch``, applied by the loop to every training batch (not
+            to validation) before ``training_step``, e.g. random flips and rotations
+            (:func:`trainables.data.augment.dihedral`). It must draw its randomness from ``generator`` (a
+            CPU generator saved in checkpoints), so runs repeat and resume exactly.
     """
 
     name: str
@@ -62,6 +66,7 @@ class Task:
     inputs_for_display: Callable[[Batch], torch.Tensor] | None = None
     loss_modules: list[nn.Module] = field(default_factory=list)
     eval_mask: Callable[[Batch], torch.Tensor] | None = None
+    augment: Callable[[Batch, torch.Generator], Batch] | None = None
 
     def __post_init__(self) -> None:
         if self.weight_names:

@@ -190,6 +190,11 @@ def case_plugin_function_missing(root):
     return _yaml(root, _set(TINY, "train/task", "plugin_task:no_such_build")), [], ["train.task", "no_such_build"]
 
 
+def case_unknown_augmentation(root):
+    cfg = _set(_microscopy(*_folders(root, ["a.png", "b.png"], ["a.png", "b.png"])), "train/data/augment", "rotate")
+    return _yaml(root, cfg), [], ["train.data.augment", "dihedral"]
+
+
 def case_missing_data_folder(root):
     cfg = _microscopy(root / "nope_wf", root / "nope_tp")
     return _yaml(root, cfg), [], ["train.data.input_dir", str(root / "nope_wf"), "does not exist"]

@@ -40,8 +40,9 @@ def test_unknown_task_names_the_field():
         Trainer({"task": "no_such_module:build"})
 
 
-def test_resume_gives_the_same_next_epoch(tmp_path):
-    config = {**TINY["microstructure"], "epochs": 3, "seed": 3, "gradient_weight": 0.1}
+@pytest.mark.parametrize("name", ["microstructure", "microscopy-unet"])  # microscopy: with random flips and turns
+def test_resume_gives_the_same_next_epoch(tmp_path, name):
+    config = {**TINY[name], "epochs": 3, "seed": 3, "gradient_weight": 0.1}
     uninterrupted = train(config)
 
     def save_after_first(report):
