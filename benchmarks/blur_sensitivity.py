@@ -19,7 +19,9 @@ The seed noise depends on the training budget: the models of a tiny budget are f
 differ from seed to seed as much as with 1 px of blur. ``--budget-scan`` trains microstructure with
 12 / 16 / 24 sequences and the paired folders with 15 / 40 / 80 epochs, and once on folder data whose
 input has no noise (the rest as above); it prints the drop at σ = 1 px, the seed range and their ratio for
-each (``blur_sensitivity_budget.json``).
+each (``blur_sensitivity_budget.json``). The folder rows also show the task without its default
+augmentation (``data.augment: none``: no random flips and turns of training batches) and on another draw
+of the data (``data.seed: 1``: other validation images and crops).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def validation_predictions(trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     trainer.model.eval()
     preds, targets, masks = [], [], []
-    for batch in trainer._val_batches():  # noqa: SLF001 - the benchmark reads the trainer's own batches
+    for batch in trainer.val_batches():
         preds.append(trainer.task.predict(trainer.model, batch).float())
         targets.append(trainer.task.target(batch).float())
         if trainer.task.eval_mask is not None:
@@ -191,6 +193,11 @@ BUDGETS = (
     ("microscopy_folder", "8 crops per image, 15 epochs", {"epochs": 15, "data": {"crops_per_image": 8}}),
     ("microscopy_folder", "24 crops per image, 40 epochs", {}),
     ("microscopy_folder", "24 crops per image, 80 epochs", {"epochs": 80}),
+    ("microscopy_folder", "24 crops per image, 40 epochs, no augmentation", {"data": {"augment": "none"}}),
+    ("microscopy_folder", "24 crops per image, 80 epochs, no augmentation", {"epochs": 80, "data": {"augment": "none"}}),
+    ("microscopy_folder", "24 crops per image, 40 epochs, another draw of the data", {"data": {"seed": 1}}),
+    ("microscopy_folder", "24 crops per image, 40 epochs, another draw, no augmentation",
+     {"data": {"seed": 1, "augment": "none"}}),
     ("microscopy_folder", "24 crops per image, 40 epochs; input without noise, blurred by 1.5 px",
      {"input": {"input_blur": 1.5, "input_noise": 0.0}}),
 )

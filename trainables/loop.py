@@ -156,7 +156,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def _val_batches(self):
+    def val_batches(self):
+        """The validation set in batches of ``batch_size``, on the device, in order (never augmented)."""
         n, size = self.task.num_val, self.config.batch_size
         for start in range(0, n, size):
             idx = torch.arange(start, min(start + size, n), device=self.device if self.preloaded else "cpu")
@@ -176,7 +177,7 @@ class Trainer:
         """The task's evaluation region of the whole validation set (N×1×H×W, in batch order), or None."""
         if self.task.eval_mask is None:
             return None
-        return torch.cat([self.task.eval_mask(batch) for batch in self._val_batches()])
+        return torch.cat([self.task.eval_mask(batch) for batch in self.val_batches()])
 
     @torch.no_grad()
     def _baseline_mse(self) -> tuple[float, float | None]:
@@ -185,7 +186,7 @@ class Trainer:
         sq_sum, count = torch.zeros((), device=self.device), 0
         sq_region, count_region = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         start = 0
-        for batch in self._val_batches():
+        for batch in self.val_batches():
             base, target = self.task.baseline(batch).float(), self.task.target(batch).float()
             sq = (base - target).pow(2)
             sq_sum += sq.sum()
@@ -242,7 +243,7 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
         preds, targets, val_loss = [], [], torch.zeros((), device=self.device)
-        for batch in self._val_batches():
+        for batch in self.val_batches():
             with self._autocast():
                 batch_loss = self.task.training_step(self.model, batch, self.step)[0].float()
                 val_loss += batch_loss * _num_samples(batch)
