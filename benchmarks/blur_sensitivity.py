@@ -13,7 +13,8 @@ seed range, and the composite and each of its parts (SSIM, MSE skill, gradient m
 objective's region) fall strictly as σ grows. The whole-frame composite is shown too.
 
     python -m benchmarks.blur_sensitivity [--quick] [--out results/bench]
-    python -m benchmarks.blur_sensitivity --budget-scan   # the ratio at smaller and larger budgets (~6 min)
+    python -m benchmarks.blur_sensitivity --budget-scan   # the ratio at smaller and larger budgets (~10 min)
+    python -m benchmarks.blur_sensitivity --augmentation  # folders with / without augmentation, 8 seeds (~8 min)
 
 The seed noise depends on the training budget: the models of a tiny budget are far from converged and
 differ from seed to seed as much as with 1 px of blur. ``--budget-scan`` trains microstructure with
@@ -238,14 +239,62 @@ def budget_scan(args, started: float) -> int:
     return 0
 
 
+AUGMENTATION_SEEDS = tuple(range(8))
+
+
+def augmentation(args, started: float) -> int:
+    """The folder config with and without its default augmentation, 8 model seeds each, on 2 draws of the
+    data: mean and std of the final composite, and Welch's 95 % interval of the difference (scipy)."""
+    from scipy import stats
+
+    from losstune.trainables.loop import Trainer
+
+    results: dict[str, Any] = {}
+    rows = []
+    seeds = AUGMENTATION_SEEDS[:2] if args.quick else AUGMENTATION_SEEDS
+    with tempfile.TemporaryDirectory(prefix="losstune-blur-") as tmp:
+        folder = Path(tmp)
+        write_folder_data(folder)
+        base = configs(args.quick, folder)["microscopy_folder"]
+        for data_seed in (0, 1):
+            finals = {}
+            for augment in ("none", "dihedral"):
+                finals[augment] = [
+                    Trainer({**base, "seed": seed, "data": {**base["data"], "seed": data_seed, "augment": augment}},
+                            warn_small_val=False).fit().metrics["composite"] for seed in seeds]
+                print(f"  data.seed {data_seed}, augment {augment}: {[round(v, 4) for v in finals[augment]]}", flush=True)
+            with_aug, without = np.array(finals["dihedral"]), np.array(finals["none"])
+            test = stats.ttest_ind(with_aug, without, equal_var=False)
+            interval = test.confidence_interval(0.95)
+            results[f"data.seed {data_seed}"] = {**finals, "difference": float(with_aug.mean() - without.mean()),
+                                                 "interval_95": [float(interval.low), float(interval.high)],
+                                                 "p_value": float(test.pvalue)}
+            for augment, values in (("none", without), ("dihedral", with_aug)):
+                rows.append([data_seed, augment, len(values), values.mean(), values.std(ddof=1),
+                             values.max() - values.min(), "" if augment == "none" else
+                             f"{with_aug.mean() - without.mean():+.4f} [{interval.low:+.4f}, {interval.high:+.4f}]"])
+    text = common.table(["data.seed", "augment", "model seeds", "mean composite", "std", "range",
+                         "dihedral − none, 95 % (Welch)"], rows)
+    print(text)
+    settings = {"seeds": list(seeds), "config": configs(args.quick, Path("<tmp>"))["microscopy_folder"]}
+    path = common.write_result(f"{NAME}_augmentation", args.out, quick=args.quick, settings=settings, results=results,
+                               goals=[], table_text=text, started=started, module=f"benchmarks.{NAME}")
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = common.parse_args(__doc__.splitlines()[0], argv, extra=[
-        (("--budget-scan",), {"action": "store_true", "help": "the ratio at smaller and larger training budgets"})])
+        (("--budget-scan",), {"action": "store_true", "help": "the ratio at smaller and larger training budgets"}),
+        (("--augmentation",), {"action": "store_true",
+                               "help": "folder data with and without augmentation, 8 model seeds each (~8 min)"})])
     common.ensure_repo_on_path()
     common.set_single_thread()
     started = time.perf_counter()
     if args.budget_scan:
         return budget_scan(args, started)
+    if args.augmentation:
+        return augmentation(args, started)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="losstune-blur-") as tmp:
         folder = Path(tmp)
