@@ -94,3 +94,22 @@ def test_gpu_path_measures_amp_of_the_microscopy_models(model):
     assert [r["amp"] for r in rows] == ["off", "bf16", "fp16"]
     assert all(_finite(r["samples_per_s"]) and r["samples_per_s"] > 0 for r in rows)
     assert rows[0]["speedup_vs_fp32"] == 1.0
+
+
+def test_blur_sensitivity_quick_writes_json(tmp_path):
+    """The README's blur table comes from this benchmark: a code change that breaks it fails here."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.blur_sensitivity", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "blur_sensitivity.json").read_text())
+    assert data["benchmark"] == "blur_sensitivity" and data["mode"] == "quick"
+    res = data["results"]
+    assert len(res["folder_images"]) >= 5  # scikit-image's bundled images written as 16-bit TIFF pairs
+    for task in ("microstructure", "microscopy_synthetic", "microscopy_folder"):
+        r = res[task]
+        assert r["region"] == "active" and len(r["seed_objectives"]) == 3
+        assert [b["sigma"] for b in r["blurred"]] == [0.5, 1.0, 2.0]
+        assert all(_finite(b[k]) for b in r["blurred"] for k in ("composite", "drop", "ssim", "gradient_match"))
+        # blurring by 2 px costs more than by 0.5 px even for barely trained models
+        assert r["blurred"][-1]["drop"] > r["blurred"][0]["drop"]
+    assert len(data["goals"]) == 6
