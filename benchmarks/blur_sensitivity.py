@@ -14,7 +14,7 @@ objective's region) fall strictly as σ grows. The whole-frame composite is show
 
     python -m benchmarks.blur_sensitivity [--quick] [--out results/bench]
     python -m benchmarks.blur_sensitivity --budget-scan   # the ratio at smaller and larger budgets (~10 min)
-    python -m benchmarks.blur_sensitivity --augmentation  # folders with / without augmentation, 8 seeds (~8 min)
+    python -m benchmarks.blur_sensitivity --augmentation  # folders with / without augmentation, 8 seeds (~9 min)
 
 The seed noise depends on the training budget: the models of a tiny budget are far from converged and
 differ from seed to seed as much as with 1 px of blur. ``--budget-scan`` trains microstructure with
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     args = common.parse_args(__doc__.splitlines()[0], argv, extra=[
         (("--budget-scan",), {"action": "store_true", "help": "the ratio at smaller and larger training budgets"}),
         (("--augmentation",), {"action": "store_true",
-                               "help": "folder data with and without augmentation, 8 model seeds each (~8 min)"})])
+                               "help": "folder data with and without augmentation, 8 model seeds each (~9 min)"})])
     common.ensure_repo_on_path()
     common.set_single_thread()
     started = time.perf_counter()
