@@ -233,6 +233,17 @@ class Browser:
             await self.send("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left",
                                                          "clickCount": 1}, session=True)
 
+    async def wait_still(self, element_js: str, timeout: float = 10) -> None:
+        """Wait until the element's box is the same in two looks 0.3 s apart (an opening dialog moves)."""
+        rect = f"(() => {{ const r = {element_js}.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }})()"
+        deadline, before = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            now = await self.js(rect)
+            if now == before:
+                return
+            before = now
+            await asyncio.sleep(0.3)
+
     async def key(self, key: str) -> None:
         codes = {"Tab": 9, "Enter": 13, "Escape": 27}
         for kind in ("keyDown", "keyUp"):
@@ -283,22 +294,8 @@ async def check_mlflow_ui(base: str, exp, parent, children, out: Path = SCREENSH
         loaded = ("[...document.images].filter(i => /images.predictions/.test(decodeURIComponent(i.src))"
                   " && i.complete && i.naturalWidth > 0).length")
         await b.wait_text(["predictions"], 60)  # the image-grid card MLflow made for the image key
-        await b.click("document.querySelector('button[data-component-id=fullscreen_button_chartcard]')")
         # with several steps (epochs) logged, the grid starts at step 0: go to the last epoch
-        step = "document.querySelector('[role=dialog] input[type=number]')"
-        await b.wait_for(f"{step} && {step}.max && {step}.max != '-Infinity'", 60, "the image grid's step box")
-        for _ in range(5):  # React may re-render the box while we type: check, and try again
-            try:
-                await b.click(step)
-                await b.js(f"{step}.select()")
-                last = str(await b.js(f"{step}.max"))
-                await b.send("Input.insertText", {"text": last}, session=True)
-                await b.key("Tab")  # the box applies its value on blur
-                await asyncio.sleep(0.5)
-                if await b.js(f"{step}.value") == last:
-                    break
-            except (RuntimeError, AssertionError):
-                await asyncio.sleep(1)
+        await set_last_step(b)
         want = len(children) if min_images is None else min_images
         await b.wait_for(f"{loaded} >= {want}", 60, f"{want} prediction images in the full-screen image grid")
         await asyncio.sleep(0.5)
@@ -318,6 +315,38 @@ async def check_mlflow_ui(base: str, exp, parent, children, out: Path = SCREENSH
         await b.close_side_panels()
         shots["compare"] = await b.screenshot(out / "mlflow_compare.png")
     return shots
+
+
+FULLSCREEN = "document.querySelector('button[data-component-id=fullscreen_button_chartcard]')"
+STEP_BOX = "document.querySelector('[role=dialog] input[type=number]')"
+
+
+async def set_last_step(b: Browser, tries: int = 5) -> None:
+    """Open the image card full-screen and type its last step into the step box.
+
+    A click that lands while the dialog is still animating in can hit the overlay, which closes the
+    dialog; React may also re-render the box while we type. So: wait until the box stands still, type,
+    and check both that the dialog is still open and that the box holds the value; else open it again.
+    """
+    ready = f"{STEP_BOX} && {STEP_BOX}.max && {STEP_BOX}.max != '-Infinity'"
+    for _ in range(tries):
+        try:
+            if not await b.js(f"Boolean({STEP_BOX})"):
+                await b.click(FULLSCREEN)
+            await b.wait_for(ready, 60, "the image grid's step box")
+            await b.wait_still(STEP_BOX)
+            await b.click(STEP_BOX)
+            await b.js(f"{STEP_BOX}.select()")
+            last = str(await b.js(f"{STEP_BOX}.max"))
+            await b.send("Input.insertText", {"text": last}, session=True)
+            await b.key("Tab")  # the box applies its value on blur
+            await asyncio.sleep(0.5)
+            if await b.js(f"{STEP_BOX} && {STEP_BOX}.value") == last:
+                return
+        except (RuntimeError, AssertionError):
+            pass
+        await asyncio.sleep(1)
+    raise AssertionError(f"could not set the image grid to its last step; the page shows:\n{(await b.text())[:2000]}")
 
 
 # ----- the test ----------------------------------------------------------------------------------------------
