@@ -25,8 +25,9 @@ region (the objective is the whole frame).
 
 Augmentation (``data.augment``): ``dihedral`` (default) turns and mirrors each training batch at random
 (one of the 8 symmetries of the square, :func:`trainables.data.augment.dihedral`): a specimen has no
-preferred orientation, and on a few training images it lowers over-fitting and the spread between
-model seeds (README, blur sensitivity); ``none`` trains on the crops as loaded.
+preferred orientation; on a few training images it kept models from over-fitting at twice the epochs
+and did not narrow the spread between model seeds (README, Augmentation); ``none`` trains on the crops
+as loaded.
 
 Validation size: folder data are split by image and the validation images give at least
 ``data.min_val_crops`` crops (default 32).
